@@ -1,0 +1,233 @@
+"""The Mixture-of-Pathways math (SPEC section 2), on plain tensors.
+
+Layout used throughout: ``x`` is ``[S, L, F]`` (``S`` independent sequences of ``L`` steps) and
+every recurrent state is ``[S, h]``. Step mode is ``L == 1``. The TorchRL wrapper
+(:mod:`mop_torchrl.module`) maps TensorDicts onto this layout.
+
+Two implementations share the same parameters:
+
+* ``"reference"``: one ``nn.GRU`` per router/expert and one output projection per expert, the
+  way the BabyAI integration did it; kept as the oracle for tests and benchmarks.
+* ``"fused"`` (:mod:`mop_torchrl.fused`): all GRUs of a block run as one GRU with block-diagonal
+  recurrent weights assembled from the same parameters, and the weighted expert projections are
+  one matrix product.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mop_torchrl.config import MoPConfig
+
+__all__ = ["CoreOutput", "Expert", "MoPBlock", "MoPCore", "routing_cost_loss"]
+
+Implementation = Literal["fused", "reference"]
+
+
+class Expert(nn.Module):
+    """A recurrent expert: ``E = Linear(ReLU(Norm(GRU(x, h))))``."""
+
+    def __init__(self, input_dim: int, hidden_dim: int, norm: str) -> None:
+        super().__init__()
+        self.gru = nn.GRU(input_dim, hidden_dim, batch_first=True)
+        self.norm = nn.LayerNorm(hidden_dim) if norm == "layer" else nn.Identity()
+        self.proj = nn.Linear(hidden_dim, input_dim)
+
+    def output(self, h: torch.Tensor) -> torch.Tensor:
+        return self.proj(F.relu(self.norm(h)))
+
+
+@dataclass
+class BlockOutput:
+    y: torch.Tensor
+    """Block output ``[S, L, D]``."""
+    weights: torch.Tensor
+    """Mixing weights after expert dropout ``[S, L, k]``."""
+    cost: torch.Tensor
+    """This block's routing cost ``Σ_i p_i d_i^c`` (pre-dropout ``p``) ``[S, L]``."""
+    states: list[torch.Tensor]
+    """Hidden state after every step, router first then non-identity experts, ``[S, L, h]``."""
+
+
+class MoPBlock(nn.Module):
+    """One block: a GRU router mixing heterogeneous experts over a residual + LayerNorm.
+
+    Args:
+        config: the core's configuration.
+        sizes: hidden size of each expert (``0`` is the identity expert, which has no state).
+    """
+
+    def __init__(self, config: MoPConfig, sizes: list[int]) -> None:
+        super().__init__()
+        dim = config.intermediate_dim
+        self.sizes = tuple(sizes)
+        self.router = nn.GRU(dim, config.router_dim, batch_first=True)
+        self.router_head = nn.Linear(config.router_dim, len(sizes))
+        # Identity experts hold an nn.Identity so that expert indices match the spec.
+        self.experts = nn.ModuleList(
+            Expert(dim, size, config.expert_norm) if size > 0 else nn.Identity() for size in sizes
+        )
+        self.norm = nn.LayerNorm(dim)
+        self.dropout_beta = config.dropout_beta
+        self.dropout_gamma = config.dropout_gamma
+        # Structure-derived constants, as buffers so they follow the module's device.
+        stateful = [i for i, size in enumerate(sizes) if size > 0]
+        largest = max(range(len(sizes)), key=sizes.__getitem__)
+        constants = {
+            "expert_cost": torch.tensor([float(size) ** config.cost_exponent for size in sizes]),
+            "largest_mask": torch.arange(len(sizes)) == largest,
+            "identity_mask": torch.tensor([float(size == 0) for size in sizes]),
+            "stateful_index": torch.tensor(stateful, dtype=torch.long),
+            # For each hidden unit of the concatenated expert states, the expert it belongs to.
+            "unit_expert": torch.tensor([i for i in stateful for _ in range(sizes[i])]),
+        }
+        for name, value in constants.items():
+            self.register_buffer(name, value, persistent=False)
+        # Inference knobs for ablations (see MoPModule.set_inference_knobs).
+        self.weight_threshold = 0.0
+        self.disable_largest = False
+
+    @property
+    def stateful_experts(self) -> list[int]:
+        """Indices of the experts that have a recurrent state (size > 0)."""
+        return [i for i, size in enumerate(self.sizes) if size > 0]
+
+    @property
+    def state_sizes(self) -> list[int]:
+        """Hidden sizes in state order: router, then each non-identity expert."""
+        return [self.router.hidden_size] + [self.sizes[i] for i in self.stateful_experts]
+
+    def gates(self, router_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Routing probabilities ``p`` (for the cost) and mixing weights ``p'`` (after dropout)."""
+        logits = self.router_head(F.relu(router_states))
+        if self.disable_largest:
+            logits = logits.masked_fill(self.largest_mask, -torch.inf)
+        probs = torch.softmax(logits, dim=-1)
+        if self.weight_threshold > 0:
+            keep = (probs >= self.weight_threshold) | _argmax_mask(probs)
+            probs = probs * keep
+            probs = probs / probs.sum(-1, keepdim=True)
+        weights = probs
+        if self.training and self.dropout_beta > 0:
+            # Drop expert i with probability β(1 − p_i/γ) when p_i < γ; never the argmax.
+            drop_prob = self.dropout_beta * (1 - probs / self.dropout_gamma).clamp(min=0)
+            dropped = (torch.rand_like(probs) < drop_prob) & ~_argmax_mask(probs)
+            weights = torch.softmax(logits.masked_fill(dropped, -torch.inf), dim=-1)
+            if self.weight_threshold > 0:
+                weights = weights * keep
+                weights = weights / weights.sum(-1, keepdim=True)
+        return probs, weights
+
+    def mix(
+        self, x: torch.Tensor, expert_states: list[torch.Tensor], weights: torch.Tensor
+    ) -> torch.Tensor:
+        """``LayerNorm(x + Σ_i w_i E_i)`` with one output projection per expert (reference)."""
+        states = iter(expert_states)
+        total = x
+        for i, expert in enumerate(self.experts):
+            out = x if self.sizes[i] == 0 else expert.output(next(states))
+            total = total + weights[..., i : i + 1] * out
+        return self.norm(total)
+
+    def forward(
+        self, x: torch.Tensor, states: list[torch.Tensor], implementation: Implementation
+    ) -> BlockOutput:
+        if implementation == "fused":
+            from mop_torchrl import fused
+
+            new_states = fused.block_recurrence(self, x, states)
+        else:
+            grus = [self.router] + [self.experts[i].gru for i in self.stateful_experts]
+            new_states = [gru(x, h.unsqueeze(0))[0] for gru, h in zip(grus, states)]
+        probs, weights = self.gates(new_states[0])
+        if implementation == "fused":
+            y = fused.block_mix(self, x, new_states[1:], weights)
+        else:
+            y = self.mix(x, new_states[1:], weights)
+        cost = (probs * self.expert_cost).sum(-1)
+        return BlockOutput(y=y, weights=weights, cost=cost, states=new_states)
+
+
+def _argmax_mask(probs: torch.Tensor) -> torch.Tensor:
+    return F.one_hot(probs.argmax(-1), probs.shape[-1]).bool()
+
+
+@dataclass
+class CoreOutput:
+    features: torch.Tensor
+    """Output of the last block ``[S, L, D]``."""
+    weights: list[torch.Tensor]
+    """Per block mixing weights (post-dropout) ``[S, L, k_l]``."""
+    cost: torch.Tensor
+    """Routing cost summed over blocks ``[S, L]``."""
+    states: list[list[torch.Tensor]]
+    """Per block, per state (router first) hidden state after every step ``[S, L, h]``."""
+
+
+class MoPCore(nn.Module):
+    """Input projection followed by the MoP blocks.
+
+    Examples:
+        >>> import torch
+        >>> core = MoPCore(MoPConfig(input_dim=8, layers="0,4,8", intermediate_dim=16, router_dim=4))
+        >>> states = [[torch.zeros(2, h) for h in core.blocks[0].state_sizes]]
+        >>> out = core(torch.randn(2, 5, 8), states)
+        >>> out.features.shape, out.weights[0].shape, out.cost.shape
+        (torch.Size([2, 5, 16]), torch.Size([2, 5, 3]), torch.Size([2, 5]))
+    """
+
+    def __init__(self, config: MoPConfig, implementation: Implementation = "fused") -> None:
+        super().__init__()
+        if implementation not in ("fused", "reference"):
+            raise ValueError(
+                f"implementation must be 'fused' or 'reference', got {implementation!r}"
+            )
+        self.config = config
+        self.implementation = implementation
+        self.input_proj = nn.Linear(config.input_dim, config.intermediate_dim)
+        self.blocks = nn.ModuleList(MoPBlock(config, sizes) for sizes in config.layers)
+
+    def forward(self, x: torch.Tensor, states: list[list[torch.Tensor]]) -> CoreOutput:
+        h = self.input_proj(x)
+        weights, costs, new_states = [], [], []
+        for block, block_states in zip(self.blocks, states):
+            out = block(h, block_states, self.implementation)
+            h = out.y
+            weights.append(out.weights)
+            costs.append(out.cost)
+            new_states.append(out.states)
+        return CoreOutput(features=h, weights=weights, cost=sum(costs), states=new_states)
+
+
+def routing_cost_loss(
+    task_loss: torch.Tensor,
+    cost: torch.Tensor,
+    alpha: float,
+    epsilon: float = 1e-2,
+    mode: Literal["scaled", "plain"] = "scaled",
+) -> torch.Tensor:
+    """Adds the routing cost to a task loss.
+
+    ``scaled`` (the paper's): ``L + α·cost/(ε + L)``, the denominator not detached, so the cost
+    weighs more once the task is learnt; ``plain``: ``L + α·cost``. ``cost`` is averaged.
+
+    Examples:
+        >>> import torch
+        >>> routing_cost_loss(torch.tensor(1.0), torch.tensor([2.0, 4.0]), alpha=0.5, epsilon=1.0)
+        tensor(1.7500)
+        >>> routing_cost_loss(torch.tensor(1.0), torch.tensor([2.0, 4.0]), alpha=0.5, mode="plain")
+        tensor(2.5000)
+    """
+    if alpha == 0:
+        return task_loss
+    mean_cost = cost.mean()
+    if mode == "scaled":
+        return task_loss + alpha * mean_cost / (epsilon + task_loss)
+    if mode == "plain":
+        return task_loss + alpha * mean_cost
+    raise ValueError(f"mode must be 'scaled' or 'plain', got {mode!r}")
