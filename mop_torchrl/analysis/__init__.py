@@ -1,0 +1,82 @@
+"""Routing analysis from recorded tables: schema, summaries and plots.
+
+The recorder (which runs a policy in BabyAI envs) writes a per-step *routes* table and a
+per-episode *episodes* table (schema: :mod:`mop_torchrl.analysis.schema`); everything here works
+from those pandas DataFrames, so it does not depend on the envs or the policy.
+
+Examples:
+    >>> from mop_torchrl.analysis import summarise, synthetic_tables, validate_routes
+    >>> layers = [[0, 16, 32], [32, 64]]
+    >>> routes, episodes = synthetic_tables(layers, episodes_per_level=2)
+    >>> validate_routes(routes, layers)
+    >>> sorted(summarise(routes, layers))
+    ['cost', 'entropy', 'utilisation']
+"""
+
+from mop_torchrl.analysis.plots import (
+    ABLATION_COLUMNS,
+    plot_ablation,
+    plot_all,
+    plot_cost,
+    plot_entropy,
+    plot_spatial,
+    plot_timeline,
+    plot_utilisation,
+)
+from mop_torchrl.analysis.schema import (
+    ACTION_NAMES,
+    EPISODE_COLUMNS,
+    EVENTS,
+    MISSION_TYPES,
+    ROUTE_COLUMNS,
+    block_columns,
+    mission_type,
+    read_episodes,
+    read_routes,
+    step_event,
+    synthetic_tables,
+    validate_episodes,
+    validate_routes,
+    weight_columns,
+)
+from mop_torchrl.analysis.summary import (
+    cost_summary,
+    entropy,
+    entropy_summary,
+    format_markdown,
+    summarise,
+    utilisation,
+    write_summary,
+)
+
+__all__ = [
+    "ABLATION_COLUMNS",
+    "ACTION_NAMES",
+    "EPISODE_COLUMNS",
+    "EVENTS",
+    "MISSION_TYPES",
+    "ROUTE_COLUMNS",
+    "block_columns",
+    "cost_summary",
+    "entropy",
+    "entropy_summary",
+    "format_markdown",
+    "mission_type",
+    "plot_ablation",
+    "plot_all",
+    "plot_cost",
+    "plot_entropy",
+    "plot_spatial",
+    "plot_timeline",
+    "plot_utilisation",
+    "read_episodes",
+    "read_routes",
+    "step_event",
+    "summarise",
+    "synthetic_tables",
+    "utilisation",
+    "validate_episodes",
+    "validate_routes",
+    "weight_columns",
+    "write_summary",
+]

@@ -1,0 +1,49 @@
+"""Training loops (online imitation, behaviour cloning, PPO), checkpoints and evaluation."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from mop_torchrl.train.config import TrainConfig, load_config
+
+__all__ = ["TrainConfig", "load_config", "resume", "train"]
+
+
+def train(config: TrainConfig, resume: bool = False) -> Path:
+    """Runs the loop ``config.algo`` names; returns the run directory.
+
+    Examples:
+        >>> config = TrainConfig(num_envs=2, unroll_len=4, num_updates=1, eval_episodes=0,
+        ...                      run_dir="/tmp/mop_doctest_runs", run_name="doctest")
+        >>> run_dir = train(config, resume=True)  # resume=True: reuse the directory if present
+        >>> (run_dir / "checkpoint.pt").exists()
+        True
+    """
+    torch.set_num_threads(config.torch_threads)
+    if config.algo == "imitation":
+        from mop_torchrl.train.imitation import train_imitation as loop
+    elif config.algo == "bc":
+        from mop_torchrl.train.bc import train_bc as loop
+    else:
+        from mop_torchrl.train.ppo import train_ppo as loop
+    run_dir = loop(config, resume)
+    if config.eval_episodes > 0:
+        from mop_torchrl.train.evaluate import evaluate_checkpoint
+
+        result = evaluate_checkpoint(run_dir / "checkpoint.pt", episodes=config.eval_episodes)
+        (run_dir / "eval.json").write_text(json.dumps(result, indent=2))
+        print(json.dumps(result, indent=2))
+    return run_dir
+
+
+def resume(run_dir: str | Path) -> Path:
+    """Continues the run in ``run_dir`` from its last checkpoint, with its saved config."""
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.yaml").is_file():
+        raise FileNotFoundError(f"{str(run_dir)!r} is not a run directory (no config.yaml)")
+    config = load_config(run_dir / "config.yaml")
+    config.run_dir, config.run_name = str(run_dir.parent), run_dir.name
+    return train(config, resume=True)

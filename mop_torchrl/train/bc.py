@@ -1,0 +1,41 @@
+"""Behaviour cloning from stored bot demonstrations.
+
+Sequences are sampled from the demo buffer with ``SliceSampler`` (each slice starts with
+``is_init``, so the core starts it from a zero state) and the policy is trained in recurrent
+mode with the same cross-entropy + routing-cost loss as online imitation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from tensordict import TensorDictBase
+
+from mop_torchrl.demos import open_demos, sample_sequences
+from mop_torchrl.train.config import TrainConfig
+from mop_torchrl.train.imitation import imitation_step
+from mop_torchrl.train.run import Run, build_policy
+
+__all__ = ["train_bc"]
+
+
+def train_bc(config: TrainConfig, resume: bool = False) -> Path:
+    """Runs (or resumes) behaviour cloning from ``config.demos``; returns the run directory."""
+    run = Run(config, resume)
+    torch.manual_seed(config.seed)
+    actor, critic = build_policy(config)
+    optimizer = torch.optim.Adam(actor.parameters(), lr=config.lr)
+    modules = {"actor": actor, "critic": critic}
+    run.restore(modules, optimizer)
+    buffer, meta = open_demos(config.demos)
+    if meta["level"] != config.task_id and meta["level"] != f"BabyAI-{config.task_id}-v0":
+        raise ValueError(f"demos in {config.demos!r} are for {meta['level']}, not {config.task_id}")
+
+    def batches() -> Iterator[tuple[int, TensorDictBase]]:
+        for update in range(run.start_update, config.num_updates):
+            yield update, sample_sequences(buffer, config.batch_slices, config.slice_len)
+
+    run.fit(batches(), imitation_step(actor, optimizer, config), modules, optimizer)
+    return run.dir
