@@ -1,8 +1,10 @@
 """Routing analysis from recorded tables: schema, summaries and plots.
 
-The recorder (which runs a policy in BabyAI envs) writes a per-step *routes* table and a
-per-episode *episodes* table (schema: :mod:`mop_torchrl.analysis.schema`); everything here works
-from those pandas DataFrames, so it does not depend on the envs or the policy.
+The recorder (:func:`~mop_torchrl.analysis.record.record_routes`, which runs a policy in BabyAI
+envs) writes a per-step *routes* table and a per-episode *episodes* table (schema:
+:mod:`mop_torchrl.analysis.schema`); everything else here works from those pandas DataFrames, so
+it does not depend on the envs or the policy. ``record_routes`` and ``sweep_ablation``
+(:mod:`mop_torchrl.analysis.record`) are imported from here lazily, on first use.
 
 Examples:
     >>> from mop_torchrl.analysis import summarise, synthetic_tables, validate_routes
@@ -80,3 +82,13 @@ __all__ = [
     "weight_columns",
     "write_summary",
 ]
+
+_LAZY = {"record_routes", "sweep_ablation"}  # need torch and the envs: imported on first use
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        from mop_torchrl.analysis import record
+
+        return getattr(record, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

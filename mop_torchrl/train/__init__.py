@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from mop_torchrl.train.config import TrainConfig, load_config
 
-__all__ = ["TrainConfig", "load_config", "resume", "train"]
+__all__ = ["TrainConfig", "load_config", "resume", "resume_config", "train"]
 
 
 def train(config: TrainConfig, resume: bool = False) -> Path:
@@ -39,11 +40,28 @@ def train(config: TrainConfig, resume: bool = False) -> Path:
     return run_dir
 
 
-def resume(run_dir: str | Path) -> Path:
+def resume(run_dir: str | Path, overrides: dict[str, Any] | None = None) -> Path:
     """Continues the run in ``run_dir`` from its last checkpoint, with its saved config."""
+    return train(resume_config(run_dir, overrides), resume=True)
+
+
+def resume_config(run_dir: str | Path, overrides: dict[str, Any] | None = None) -> TrainConfig:
+    """The saved config of the run in ``run_dir``, checked for resuming.
+
+    ``overrides`` may change only what does not alter the training so far (``num_updates`` to
+    train for longer, ``log_interval``, ``eval_episodes``, ``logger``).
+    """
+    from mop_torchrl.train.run import RESUMABLE_CHANGES
+
     run_dir = Path(run_dir)
     if not (run_dir / "config.yaml").is_file():
         raise FileNotFoundError(f"{str(run_dir)!r} is not a run directory (no config.yaml)")
-    config = load_config(run_dir / "config.yaml")
+    refused = sorted(set(overrides or {}) - RESUMABLE_CHANGES)
+    if refused:
+        raise ValueError(
+            f"a resumed run keeps its config; {refused} cannot change "
+            f"(only {sorted(RESUMABLE_CHANGES)} can)"
+        )
+    config = load_config(run_dir / "config.yaml", overrides)
     config.run_dir, config.run_name = str(run_dir.parent), run_dir.name
-    return train(config, resume=True)
+    return config

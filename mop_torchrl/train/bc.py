@@ -14,6 +14,7 @@ import torch
 from tensordict import TensorDictBase
 
 from mop_torchrl.demos import open_demos, sample_sequences
+from mop_torchrl.envs import resolve_level
 from mop_torchrl.train.config import TrainConfig
 from mop_torchrl.train.imitation import imitation_step
 from mop_torchrl.train.run import Run, build_policy
@@ -30,7 +31,7 @@ def train_bc(config: TrainConfig, resume: bool = False) -> Path:
     modules = {"actor": actor, "critic": critic}
     run.restore(modules, optimizer)
     buffer, meta = open_demos(config.demos)
-    if meta["level"] != config.task_id and meta["level"] != f"BabyAI-{config.task_id}-v0":
+    if resolve_level(meta["level"]) != resolve_level(config.task_id):
         raise ValueError(f"demos in {config.demos!r} are for {meta['level']}, not {config.task_id}")
 
     def batches() -> Iterator[tuple[int, TensorDictBase]]:

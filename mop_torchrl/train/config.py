@@ -199,7 +199,11 @@ def _coerce(field: dataclasses.Field, value: Any) -> Any:
                 return value
         elif option is float and isinstance(value, int | float) and not isinstance(value, bool):
             return float(value)
-        elif (option is int and isinstance(value, int) and not isinstance(value, bool)) or (option is bool and isinstance(value, bool)) or (option is str and isinstance(value, str)):
+        elif (
+            (option is int and isinstance(value, int) and not isinstance(value, bool))
+            or (option is bool and isinstance(value, bool))
+            or (option is str and isinstance(value, str))
+        ):
             return value
         elif option is str and field.name == "mop_layers" and isinstance(value, list):
             return format_layers(parse_layers(value))  # the YAML list form

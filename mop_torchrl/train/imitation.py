@@ -6,30 +6,26 @@ student acting (greedy by default); the bot in each env worker labels every step
 ignored) recomputed in recurrent mode from the stored hidden states (truncated BPTT), plus the
 routing cost for MoP.
 
-The envs are re-seeded and the collector re-created at every checkpoint boundary, so a resumed
-run sees exactly the data an uninterrupted run would have seen.
+Data comes from :func:`~mop_torchrl.train.collection.segment_batches`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from tensordict import TensorDictBase
-from tensordict.nn import InteractionType
 from torch import nn
-from torchrl.collectors import Collector
-from torchrl.envs import EnvBase
 from torchrl.modules import set_recurrent_mode
 
-from mop_torchrl.envs import make_babyai_env
 from mop_torchrl.model import routing_cost_loss
+from mop_torchrl.train.collection import segment_batches
 from mop_torchrl.train.config import TrainConfig
 from mop_torchrl.train.run import EpisodeStats, Run, build_policy, check_finite
 
-__all__ = ["imitation_loss", "imitation_step", "segment_batches", "train_imitation"]
+__all__ = ["imitation_loss", "imitation_step", "train_imitation"]
 
 
 def imitation_loss(
@@ -95,48 +91,6 @@ def routing_metrics(td: TensorDictBase) -> dict[str, float]:
     return metrics
 
 
-def segment_batches(
-    env: EnvBase, actor: nn.Module, config: TrainConfig, start: int, salt: int = 0
-) -> Iterator[tuple[int, TensorDictBase]]:
-    """Yields ``(update, batch)`` from ``start``; envs re-seeded at each checkpoint boundary."""
-    frames = config.num_envs * config.unroll_len
-    interaction = (
-        InteractionType.DETERMINISTIC
-        if config.algo == "imitation" and config.student_action == "greedy"
-        else InteractionType.RANDOM
-    )
-    update = start
-    while update < config.num_updates:
-        segment = update // config.checkpoint_interval
-        end = min((segment + 1) * config.checkpoint_interval, config.num_updates)
-        env.set_seed(config.seed + 7919 * (segment + 1) + salt)
-        collector = Collector(
-            env,
-            actor,
-            frames_per_batch=frames,
-            total_frames=frames * (end - update),
-            exploration_type=interaction,
-            auto_register_policy_transforms=True,
-        )
-        try:
-            for data in collector:
-                yield update, data.reshape(config.num_envs, config.unroll_len)
-                update += 1
-        finally:
-            collector.shutdown(close_env=False)
-
-
-def make_env(config: TrainConfig, expert: bool) -> EnvBase:
-    return make_babyai_env(
-        config.task_id,
-        num_envs=config.num_envs,
-        seed=config.seed,
-        expert=expert,
-        parallel=config.env_batching == "parallel",
-        path_ratio=expert,
-    )
-
-
 def train_imitation(config: TrainConfig, resume: bool = False) -> Path:
     """Runs (or resumes) online imitation; returns the run directory."""
     run = Run(config, resume)
@@ -145,11 +99,6 @@ def train_imitation(config: TrainConfig, resume: bool = False) -> Path:
     optimizer = torch.optim.Adam(actor.parameters(), lr=config.lr)
     modules = {"actor": actor, "critic": critic}
     run.restore(modules, optimizer)
-    env = make_env(config, expert=True)
-    try:
-        batches = segment_batches(env, actor, config, run.start_update)
-        train_step = imitation_step(actor, optimizer, config)
-        run.fit(batches, train_step, modules, optimizer, EpisodeStats())
-    finally:
-        env.close(raise_if_closed=False)
+    batches = segment_batches(actor, config, run.start_update, expert=True)
+    run.fit(batches, imitation_step(actor, optimizer, config), modules, optimizer, EpisodeStats())
     return run.dir

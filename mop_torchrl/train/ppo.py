@@ -21,8 +21,9 @@ from torchrl.objectives import ClipPPOLoss
 from torchrl.objectives.value import GAE
 
 from mop_torchrl.train.checkpoint import load_checkpoint
+from mop_torchrl.train.collection import segment_batches
 from mop_torchrl.train.config import TrainConfig
-from mop_torchrl.train.imitation import make_env, routing_metrics, segment_batches
+from mop_torchrl.train.imitation import routing_metrics
 from mop_torchrl.train.run import EpisodeStats, Run, build_policy, check_finite, load_modules
 
 __all__ = ["train_ppo"]
@@ -82,10 +83,6 @@ def train_ppo(config: TrainConfig, resume: bool = False) -> Path:
         metrics.update({"train/loss": loss.item(), "train/grad_norm": grad_norm.item()})
         return metrics
 
-    env = make_env(config, expert=False)
-    try:
-        batches = segment_batches(env, actor, config, run.start_update, salt=1)
-        run.fit(batches, train_step, modules, optimizer, EpisodeStats())
-    finally:
-        env.close(raise_if_closed=False)
+    batches = segment_batches(actor, config, run.start_update, expert=False, salt=1)
+    run.fit(batches, train_step, modules, optimizer, EpisodeStats())
     return run.dir

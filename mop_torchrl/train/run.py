@@ -28,6 +28,15 @@ from mop_torchrl.train.config import TrainConfig
 __all__ = ["EpisodeStats", "NonFiniteLossError", "Run", "build_policy"]
 
 CHECKPOINT = "checkpoint.pt"
+RESUMABLE_CHANGES = {
+    "num_updates",
+    "log_interval",
+    "eval_episodes",
+    "logger",
+    "run_dir",
+    "run_name",
+}
+"""Config keys a resumed run may change (e.g. to train for longer)."""
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -121,14 +130,17 @@ class Run:
         if not self.checkpoint_path.exists():
             return
         payload = load_checkpoint(self.checkpoint_path)
-        saved = TrainConfig.from_dict(payload["config"])
-        if saved.to_dict() != self.config.to_dict():
-            diff = {
-                k: (v, self.config.to_dict()[k])
-                for k, v in saved.to_dict().items()
-                if self.config.to_dict()[k] != v
-            }
-            raise CheckpointError(f"checkpoint config differs from this run's: {diff}")
+        saved, current = payload["config"], self.config.to_dict()
+        diff = {
+            key: (saved.get(key), value)
+            for key, value in current.items()
+            if key not in RESUMABLE_CHANGES and saved.get(key) != value
+        }
+        if diff:
+            raise CheckpointError(
+                f"checkpoint {str(self.checkpoint_path)!r} was written with other settings "
+                f"(saved, now): {diff}"
+            )
         load_modules(payload, modules, self.checkpoint_path)
         optimizer.load_state_dict(payload["optimizer"])
         set_rng_state(payload["rng"])
