@@ -27,7 +27,7 @@ test: lint
 
 # The main job: a short BabyAI imitation run (a few minutes on 2 cores) with a progress bar.
 train: $(STAMP)
-	$(BIN)/mop-torchrl train --config configs/quick.yaml
+	$(BIN)/mop-torchrl train --config configs/quick.yaml --run_name quick-$$(date +%Y%m%d-%H%M%S)
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .ruff_cache

@@ -104,6 +104,7 @@ class ObservationEncoder(nn.Module):
         self.films = nn.ModuleList(
             _FiLM(channels, config.instr_dim) for _ in range(config.film_layers)
         )
+        self.reduce = nn.Conv2d(channels, config.map_channels, 1)
         self.word_embedding = nn.Embedding(vocab_size, config.word_dim, padding_idx=0)
         self.instr_gru = nn.GRU(config.word_dim, config.instr_dim, batch_first=True)
         self.direction_embedding = nn.Embedding(4, config.state_dim)
