@@ -11,21 +11,21 @@ __all__ = ["main"]
 
 
 def _train(args: argparse.Namespace) -> None:
-    from mop_torchrl.train import load_config, resume, train
+    from mop_torchrl.train import load_config, resume_config, train
 
     overrides = {
         k: v for k, v in vars(args).items() if k not in ("command", "config", "resume", "func")
     }
-    if args.resume:
-        if overrides or args.config:
-            raise SystemExit("--resume takes the run's saved config: give no other options")
-        resume(args.resume)
-        return
     try:
-        config = load_config(args.config, overrides)
+        if args.resume and args.config:
+            raise ValueError("--resume uses the run's saved config: drop --config")
+        if args.resume:
+            config = resume_config(args.resume, overrides)
+        else:
+            config = load_config(args.config, overrides)
     except (ValueError, FileNotFoundError) as err:
         raise SystemExit(f"mop-torchrl train: {err}") from None
-    train(config)
+    train(config, resume=bool(args.resume))
 
 
 def _eval(args: argparse.Namespace) -> None:
@@ -45,6 +45,96 @@ def _eval(args: argparse.Namespace) -> None:
     else:
         for key, value in result.items():
             print(f"{key:>16}: {value}")
+
+
+def _demos(args: argparse.Namespace) -> None:
+    from mop_torchrl.demos import DemoError, generate_demos
+
+    try:
+        summary = generate_demos(
+            args.level,
+            args.episodes,
+            args.out,
+            num_workers=args.workers,
+            seed=args.seed,
+            progress=not args.quiet,
+        )
+    except (DemoError, ValueError) as err:
+        raise SystemExit(f"mop-torchrl demos: {err}") from None
+    print(
+        f"wrote {summary['episodes']} episodes ({summary['frames']} frames) of {summary['level']} "
+        f"in {summary['seconds']:.1f} s: {summary['steps_per_s']:.0f} steps/s, "
+        f"bot success {summary['success_rate']:.2f}"
+    )
+    print(
+        f"  {summary['path']}: {summary['total_episodes']} episodes, "
+        f"{summary['total_frames']} frames in total"
+    )
+
+
+def _floats(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated numbers, got {text!r}"
+        ) from None
+
+
+def _routes(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from mop_torchrl.analysis import plot_all, summarise, write_summary
+    from mop_torchrl.analysis.record import mop_cores, record_routes, sweep_ablation
+    from mop_torchrl.train.evaluate import load_actor
+
+    actor, config = load_actor(args.checkpoint)
+    try:
+        layers = [list(block) for block in mop_cores(actor)[0].config.layers]
+    except ValueError as err:
+        raise SystemExit(f"mop-torchrl routes: {err}") from None
+    level = args.level or config.task_id
+    out = Path(args.out)
+    routes, episodes = record_routes(
+        actor,
+        level,
+        args.episodes,
+        seed=args.seed,
+        out_dir=out,
+        weight_threshold=args.threshold,
+        disable_largest=args.disable_largest,
+    )
+    summary = write_summary(summarise(routes, layers), out / "summary")
+    ablation = None
+    if args.sweep:
+        ablation = sweep_ablation(
+            actor,
+            level,
+            episodes=args.sweep_episodes or args.episodes,
+            thresholds=args.sweep_thresholds,
+            seed=args.seed,
+        )
+        ablation.to_csv(out / "ablation.csv", index=False)
+    plots = plot_all(
+        routes,
+        episodes,
+        layers,
+        out / "plots",
+        ablation_df=ablation,
+        max_episodes=args.plot_episodes,
+        frames_root=out,
+    )
+    success = routes.groupby("episode")["success"].first().mean()
+    level = str(routes["level"].iloc[0])
+    print(
+        f"recorded {len(episodes)} episodes ({len(routes)} steps) of {level}: success {success:.2f}"
+    )
+    print(f"  tables:  {out / 'routes.csv'}, {out / 'episodes.csv'}")
+    print(f"  frames:  {out / 'frames'}/ ({len(episodes)} PNG)")
+    print(f"  summary: {summary[-1]} (+ {len(summary) - 1} CSV)")
+    if ablation is not None:
+        print(f"  ablation: {out / 'ablation.csv'}")
+    print(f"  plots:   {out / 'plots'}/ ({len(plots)} PNG)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -69,6 +159,42 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--disable-largest", action="store_true", help="MoP: no largest expert")
     evaluate.add_argument("--json", action="store_true", help="print one JSON object")
     evaluate.set_defaults(func=_eval)
+
+    demos = commands.add_parser(
+        "demos", help="generate BabyAI bot demonstrations into an on-disk replay buffer"
+    )
+    demos.add_argument("--level", required=True, help="BabyAI level (GoToLocal or full id)")
+    demos.add_argument("--episodes", type=int, required=True, help="episodes to add")
+    demos.add_argument("--out", required=True, help="demo directory (appends if it exists)")
+    demos.add_argument("--workers", type=int, default=2, help="worker processes")
+    demos.add_argument("--seed", type=int, default=0)
+    demos.add_argument("--quiet", action="store_true", help="no progress lines")
+    demos.set_defaults(func=_demos)
+
+    routes = commands.add_parser(
+        "routes", help="record a MoP policy's routing on BabyAI episodes, summarise and plot it"
+    )
+    routes.add_argument("--checkpoint", required=True, help="checkpoint.pt or its run dir")
+    routes.add_argument("--episodes", type=int, default=10, help="episodes to record")
+    routes.add_argument("--out", required=True, help="output folder")
+    routes.add_argument("--level", default=None, help="level (default: the training one)")
+    routes.add_argument("--seed", type=int, default=0)
+    routes.add_argument("--threshold", type=float, default=0.0, help="MoP weight threshold τ")
+    routes.add_argument("--disable-largest", action="store_true", help="MoP: no largest expert")
+    routes.add_argument("--sweep", action="store_true", help="also run the ablation sweep")
+    routes.add_argument(
+        "--sweep-thresholds",
+        type=_floats,
+        default=(0.0, 0.1, 0.2, 0.3),
+        help="comma-separated τ values of the sweep, each with and without the largest expert",
+    )
+    routes.add_argument(
+        "--sweep-episodes", type=int, default=None, help="episodes per sweep setting (--episodes)"
+    )
+    routes.add_argument(
+        "--plot-episodes", type=int, default=3, help="episodes with their own spatial/timeline"
+    )
+    routes.set_defaults(func=_routes)
     return parser
 
 

@@ -46,6 +46,7 @@ import minigrid  # noqa: F401  (registers the BabyAI-* ids)
 import numpy as np
 import torch
 from gymnasium import spaces
+from torch import nn
 from torchrl.data import Bounded, Composite, Unbounded
 from torchrl.envs import (
     Compose,
@@ -59,6 +60,7 @@ from torchrl.envs import (
     TransformedEnv,
     default_info_dict_reader,
 )
+from torchrl.modules.utils import get_primers_from_module
 
 from mop_torchrl.expert import (
     DEFAULT_BOT_BUDGET,
@@ -376,6 +378,7 @@ def make_babyai_env(
     bot_time_limit: float | None = None,
     quiet: bool = True,
     mp_start_method: str | None = None,
+    policy: nn.Module | None = None,
 ) -> EnvBase:
     """A TorchRL env for a BabyAI level, optionally batched and labelled by the bot.
 
@@ -401,6 +404,10 @@ def make_babyai_env(
         bot_time_limit (float, optional): seconds allowed per bot replan. Defaults to ``None``.
         quiet (bool, optional): hide minigrid's "Sampling rejected" prints. Defaults to ``True``.
         mp_start_method (str, optional): passed to ``ParallelEnv``.
+        policy (nn.Module, optional): a policy whose recurrent-state primers
+            (:func:`~torchrl.modules.utils.get_primers_from_module`) are appended to the env, as
+            TorchRL's ``GymEnv(..., policy=policy)`` does, so that ``env.rollout(n, policy)``
+            carries its hidden state. Defaults to ``None``.
 
     Returns:
         a :class:`~torchrl.envs.TransformedEnv` with ``InitTracker``, ``StepCounter`` and
@@ -443,4 +450,9 @@ def make_babyai_env(
         base = ParallelEnv(num_envs, factories, device=device, mp_start_method=mp_start_method)
     else:
         base = SerialEnv(num_envs, factories, device=device)
-    return TransformedEnv(base, Compose(InitTracker(), StepCounter(), RewardSum()))
+    env = TransformedEnv(base, Compose(InitTracker(), StepCounter(), RewardSum()))
+    if policy is not None:
+        primers = get_primers_from_module(policy, warn=False)
+        if primers is not None:
+            env.append_transform(primers)
+    return env
