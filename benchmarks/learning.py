@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 from pathlib import Path
 
 import torch
@@ -25,12 +24,9 @@ from mop_torchrl.train.evaluate import evaluate_checkpoint
 
 def run_config(path: str, overrides: dict, episodes: int) -> dict:
     config = load_config(path, {**overrides, "eval_episodes": 0})
-    start = time.perf_counter()
     run_dir = Path(config.run_dir) / config.name
     train(config, resume=(run_dir / "checkpoint.pt").exists())
-    wall = time.perf_counter() - start
     result = evaluate_checkpoint(run_dir / "checkpoint.pt", episodes=episodes)
-    result["train_wall_s"] = wall
     (run_dir / "eval.json").write_text(json.dumps(result, indent=2))
     return row(run_dir)
 
@@ -46,7 +42,7 @@ def row(run_dir: Path) -> dict:
         "policy": config["policy"],
         "updates": payload["update"],
         "frames": payload["frames"],
-        "train_wall_min": result.get("train_wall_s", float("nan")) / 60,
+        "train_wall_min": payload["extra"].get("wall_s", float("nan")) / 60,
         "success_rate": result["success_rate"],
         "mean_return": result["mean_return"],
         "path_ratio": result["path_ratio"],

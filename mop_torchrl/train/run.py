@@ -203,6 +203,7 @@ class Run:
                 metrics = train_step(data, update)
                 self.frames += data.numel()
                 train_time = time.perf_counter() - tick - collect_time
+                self.extra["wall_s"] = self.extra.get("wall_s", 0.0) + collect_time + train_time
                 done = update + 1
                 bar.update(1)
                 if done % config.log_interval == 0 or done == config.num_updates:
@@ -210,6 +211,7 @@ class Run:
                     metrics.update(
                         {
                             "perf/frames": self.frames,
+                            "perf/wall_s": self.extra["wall_s"],
                             "perf/frames_per_s": data.numel() / (collect_time + train_time),
                             "perf/collect_s": collect_time,
                             "perf/train_s": train_time,
