@@ -45,6 +45,14 @@ class TrainConfig:
     """Environments stepped together."""
     env_batching: Literal["serial", "parallel"] = "serial"
     """How envs are batched: one process (SerialEnv) or one worker each (ParallelEnv)."""
+    backend: Literal["inprocess", "multiprocess", "distributed", "ray"] = "inprocess"
+    """Collection backend: in this process, num_workers local processes, torch.distributed
+    workers (see distributed_launcher) or a Ray cluster (the [distributed] extra)."""
+    num_workers: int = 1
+    """Collector workers of the multi-worker backends, num_envs // num_workers envs each."""
+    distributed_launcher: Literal["mp", "submitit"] = "mp"
+    """backend distributed: start the workers on this machine (mp) or as SLURM jobs (submitit,
+    options from the MOP_TORCHRL_SLURM JSON environment variable)."""
     unroll_len: int = 32
     """Steps per env per update (truncated BPTT length)."""
     num_updates: int = 300
@@ -123,7 +131,7 @@ class TrainConfig:
             setattr(self, field.name, _coerce(field, getattr(self, field.name)))
         positive = ["num_envs", "unroll_len", "num_updates", "log_interval", "checkpoint_interval"]
         positive += ["gru_hidden_size", "image_channels", "instr_dim", "batch_slices", "slice_len"]
-        positive += ["ppo_epochs", "minibatches", "torch_threads"]
+        positive += ["ppo_epochs", "minibatches", "torch_threads", "num_workers"]
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ValueError(f"config key {name!r} must be > 0, got {getattr(self, name)!r}")
@@ -142,6 +150,16 @@ class TrainConfig:
         if self.algo == "ppo" and self.num_envs % self.minibatches:
             raise ValueError(
                 f"config key 'minibatches' ({self.minibatches}) must divide num_envs "
+                f"({self.num_envs})"
+            )
+        if self.backend == "inprocess" and self.num_workers != 1:
+            raise ValueError(
+                f"config key 'num_workers' ({self.num_workers}) needs a multi-worker backend "
+                "(multiprocess, distributed or ray), got backend 'inprocess'"
+            )
+        if self.num_envs % self.num_workers:
+            raise ValueError(
+                f"config key 'num_workers' ({self.num_workers}) must divide num_envs "
                 f"({self.num_envs})"
             )
         if self.mop_layers is not None:

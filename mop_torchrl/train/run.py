@@ -130,11 +130,12 @@ class Run:
         if not self.checkpoint_path.exists():
             return
         payload = load_checkpoint(self.checkpoint_path)
-        saved, current = payload["config"], self.config.to_dict()
+        # Keys added to TrainConfig after a checkpoint was written take their defaults.
+        saved = {**TrainConfig().to_dict(), **payload["config"]}
         diff = {
-            key: (saved.get(key), value)
-            for key, value in current.items()
-            if key not in RESUMABLE_CHANGES and saved.get(key) != value
+            key: (saved[key], value)
+            for key, value in self.config.to_dict().items()
+            if key not in RESUMABLE_CHANGES and saved[key] != value
         }
         if diff:
             raise CheckpointError(
