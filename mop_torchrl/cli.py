@@ -195,14 +195,27 @@ def build_parser() -> argparse.ArgumentParser:
         "--plot-episodes", type=int, default=3, help="episodes with their own spatial/timeline"
     )
     routes.set_defaults(func=_routes)
+    # Listed for --help; `main` hands its arguments to mop_torchrl.bench's own parser.
+    commands.add_parser("bench", help="policy step / recurrent training throughput benchmarks")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     """Entry point of the ``mop-torchrl`` console script."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["bench"]:
+        from mop_torchrl import bench
+
+        bench.main(argv[1:])
+        return
     args = build_parser().parse_args(argv)
-    args.func(args)
+    from mop_torchrl.train.checkpoint import CheckpointError
+
+    try:
+        args.func(args)
+    except CheckpointError as err:
+        raise SystemExit(f"mop-torchrl {args.command}: {err}") from None
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    main()

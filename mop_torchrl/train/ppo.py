@@ -59,6 +59,7 @@ def train_ppo(config: TrainConfig, resume: bool = False) -> Path:
 
     def train_step(data: TensorDictBase, update: int) -> dict[str, float]:
         data["next", "terminated"] = data["next", "done"].clone()
+        data.names = [None, "time"]  # GAE: the last dim is time
         with torch.no_grad(), set_recurrent_mode(True):
             advantage(data)
         actor.train()
