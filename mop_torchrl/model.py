@@ -8,9 +8,9 @@ Two implementations share the same parameters:
 
 * ``"reference"``: one ``nn.GRU`` per router/expert and one output projection per expert, the
   way the BabyAI integration did it; kept as the oracle for tests and benchmarks.
-* ``"fused"`` (:mod:`mop_torchrl.fused`): all GRUs of a block run as one GRU with block-diagonal
-  recurrent weights assembled from the same parameters, and the weighted expert projections are
-  one matrix product.
+* ``"fused"`` (:mod:`mop_torchrl.fused`): over sequences, the input gates of a block's GRUs are one
+  product over all steps and only the recurrent products run per step (resets without padding);
+  the weighted expert projections accumulate in place.
 """
 
 from __future__ import annotations
@@ -83,8 +83,6 @@ class MoPBlock(nn.Module):
             "largest_mask": torch.arange(len(sizes)) == largest,
             "identity_mask": torch.tensor([float(size == 0) for size in sizes]),
             "stateful_index": torch.tensor(stateful, dtype=torch.long),
-            # For each hidden unit of the concatenated expert states, the expert it belongs to.
-            "unit_expert": torch.tensor([i for i in stateful for _ in range(sizes[i])]),
         }
         for name, value in constants.items():
             self.register_buffer(name, value, persistent=False)
@@ -96,6 +94,11 @@ class MoPBlock(nn.Module):
     def stateful_experts(self) -> list[int]:
         """Indices of the experts that have a recurrent state (size > 0)."""
         return [i for i, size in enumerate(self.sizes) if size > 0]
+
+    @property
+    def grus(self) -> list[nn.GRU]:
+        """The block's GRUs in state order: router, then each non-identity expert."""
+        return [self.router] + [self.experts[i].gru for i in self.stateful_experts]
 
     @property
     def state_sizes(self) -> list[int]:
@@ -135,15 +138,21 @@ class MoPBlock(nn.Module):
         return self.norm(total)
 
     def forward(
-        self, x: torch.Tensor, states: list[torch.Tensor], implementation: Implementation
+        self,
+        x: torch.Tensor,
+        states: list[torch.Tensor],
+        implementation: Implementation,
+        starts: torch.Tensor | None = None,
     ) -> BlockOutput:
+        """See :meth:`MoPCore.forward`; the reference path takes no ``starts``."""
         if implementation == "fused":
             from mop_torchrl import fused
 
-            new_states = fused.block_recurrence(self, x, states)
+            new_states = fused.block_recurrence(self, x, states, starts)
         else:
-            grus = [self.router] + [self.experts[i].gru for i in self.stateful_experts]
-            new_states = [gru(x, h.unsqueeze(0))[0] for gru, h in zip(grus, states)]
+            if starts is not None:
+                raise ValueError("the reference block runs from initial states only")
+            new_states = [gru(x, h.unsqueeze(0))[0] for gru, h in zip(self.grus, states)]
         probs, weights = self.gates(new_states[0])
         if implementation == "fused":
             y = fused.block_mix(self, x, new_states[1:], weights)
@@ -192,16 +201,68 @@ class MoPCore(nn.Module):
         self.input_proj = nn.Linear(config.input_dim, config.intermediate_dim)
         self.blocks = nn.ModuleList(MoPBlock(config, sizes) for sizes in config.layers)
 
-    def forward(self, x: torch.Tensor, states: list[list[torch.Tensor]]) -> CoreOutput:
+    def forward(
+        self,
+        x: torch.Tensor,
+        states: list[list[torch.Tensor]],
+        starts: torch.Tensor | None = None,
+    ) -> CoreOutput:
+        """Runs ``x [S, L, input_dim]`` through the blocks.
+
+        Without ``starts``, ``states`` are per block, per state (router first) the initial
+        states ``[S, h]``. With ``starts [S, L]`` (bool, true at ``t=0``), ``states`` are
+        ``[S, L, h]`` and each sequence restarts from ``states[:, t]`` wherever
+        ``starts[:, t]`` (the recurrent mode's resets). The fused path runs these resets in
+        place; the reference splits the rows into padded segments.
+        """
+        if starts is not None and self.implementation == "reference":
+            segments = _Segments(starts)
+            out = self.forward(
+                segments.pack(x), [[segments.initial(s) for s in block] for block in states]
+            )
+            return CoreOutput(
+                features=segments.unpack(out.features),
+                weights=[segments.unpack(w) for w in out.weights],
+                cost=segments.unpack(out.cost),
+                states=[[segments.unpack(s) for s in block] for block in out.states],
+            )
         h = self.input_proj(x)
         weights, costs, new_states = [], [], []
         for block, block_states in zip(self.blocks, states):
-            out = block(h, block_states, self.implementation)
+            out = block(h, block_states, self.implementation, starts)
             h = out.y
             weights.append(out.weights)
             costs.append(out.cost)
             new_states.append(out.states)
         return CoreOutput(features=h, weights=weights, cost=sum(costs), states=new_states)
+
+
+class _Segments:
+    """Splits ``[N, T]`` rows at segment starts into a padded ``[S, L]`` layout and back."""
+
+    def __init__(self, starts: torch.Tensor) -> None:
+        n, steps = starts.shape
+        self.shape = (n, steps)
+        flat_starts = starts.reshape(-1)
+        self.segment = flat_starts.long().cumsum(0) - 1  # segment id of each (n, t)
+        start_index = torch.nonzero(flat_starts).squeeze(-1)  # flat index of each start
+        self.num_segments = start_index.numel()
+        self.position = torch.arange(n * steps, device=starts.device) - start_index[self.segment]
+        lengths = torch.diff(start_index, append=start_index.new_tensor([n * steps]))
+        self.length = int(lengths.max())
+        self.start_index = start_index
+
+    def pack(self, value: torch.Tensor) -> torch.Tensor:
+        flat = value.reshape(-1, *value.shape[2:])
+        out = flat.new_zeros(self.num_segments, self.length, *value.shape[2:])
+        return out.index_put((self.segment, self.position), flat)
+
+    def unpack(self, packed: torch.Tensor) -> torch.Tensor:
+        return packed[self.segment, self.position].reshape(*self.shape, *packed.shape[2:])
+
+    def initial(self, stored: torch.Tensor) -> torch.Tensor:
+        """The stored state ``[N, T, h]`` at each segment's first step, ``[S, h]``."""
+        return stored.reshape(-1, stored.shape[-1])[self.start_index]
 
 
 def routing_cost_loss(

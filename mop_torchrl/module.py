@@ -65,7 +65,7 @@ class MoPModule(TensorDictModuleBase):
         >>> bool(torch.allclose(td["routing", "block0"].sum(-1), torch.ones(4)))
         True
         >>> seq = TensorDict({"obs": torch.randn(2, 5, 8), "is_init": torch.zeros(2, 5, 1, dtype=torch.bool)}, [2, 5])
-        >>> seq.update(module.initial_state([2, 5]))
+        >>> seq = seq.update(module.initial_state([2, 5]))
         >>> with set_recurrent_mode(True):
         ...     seq = module(seq)
         >>> seq["features"].shape
@@ -160,19 +160,18 @@ class MoPModule(TensorDictModuleBase):
 
     # ------------------------------------------------------------------ forward
     def forward(self, tensordict: TensorDictBase) -> TensorDictBase:
+        # Tensors are read, reshaped and written one by one: reshaping the whole TensorDict
+        # in and out cost about as much as the core's step at batch 64.
         recurrent = bool(recurrent_mode())
         shape = tensordict.batch_size
-        if recurrent:
-            if len(shape) == 0:
-                raise ValueError(
-                    "MoPModule in recurrent mode needs a time dimension: got a 0-d TensorDict"
-                )
-            flat = tensordict if len(shape) == 2 else tensordict.reshape(-1, shape[-1])
-        else:
-            flat = tensordict.reshape(-1, 1)
-        n, steps = flat.batch_size
+        if recurrent and len(shape) == 0:
+            raise ValueError(
+                "MoPModule in recurrent mode needs a time dimension: got a 0-d TensorDict"
+            )
+        steps = shape[-1] if recurrent else 1
+        n = shape.numel() // max(steps, 1)
 
-        x = flat.get(self.in_key, None)
+        x = tensordict.get(self.in_key, None)
         if x is None:
             raise KeyError(f"MoPModule: input key {self.in_key!r} is missing from the TensorDict")
         if x.shape[-1] != self.config.input_dim:
@@ -180,47 +179,51 @@ class MoPModule(TensorDictModuleBase):
                 f"MoPModule: {self.in_key!r} has last dim {x.shape[-1]}, but "
                 f"config.input_dim is {self.config.input_dim}"
             )
-        is_init = flat.get("is_init", None)
+        x = x.reshape(n, steps, x.shape[-1])
+        is_init = tensordict.get("is_init", None)
         if is_init is None:
             raise KeyError(
                 "MoPModule: 'is_init' is missing; add torchrl.envs.InitTracker() to the env"
             )
         is_init = is_init.reshape(n, steps)
-        stored = self._stored_states(flat, is_init, recurrent)
+        stored = self._stored_states(tensordict, x, is_init, recurrent)
 
         if recurrent:
-            out_td = self._forward_sequences(x, stored, is_init)
+            starts = is_init.clone()
+            starts[:, 0] = True
+            out = self.core(x, stored, starts)
+            # ("next", state): each segment's final state at its last step, zeros elsewhere.
+            ends = torch.ones_like(starts)
+            ends[:, :-1] = starts[:, 1:]
+            ends = ends.unsqueeze(-1).to(x.dtype)
+            states = [[s * ends for s in block] for block in out.states]
         else:
             # Step mode: reset where is_init, one step from the stored state.
-            states = [[torch.where(is_init, 0.0, s[:, 0]) for s in block] for block in stored]
-            out = self.core(x, states)
-            out_td = self._outputs(out.features, out.weights, out.cost, out.states, n, steps)
-        tensordict.update(out_td.reshape(shape))
+            out = self.core(
+                x, [[torch.where(is_init, 0.0, s[:, 0]) for s in block] for block in stored]
+            )
+            states = out.states
+        tensordict.set(self.out_key, out.features.reshape(*shape, out.features.shape[-1]))
+        for block_keys, block_states in zip(self.block_state_keys, states):
+            for (key, size), state in zip(block_keys, block_states):
+                tensordict.set(("next", *key), state.reshape(*shape, 1, size))
+        for key, value in zip(self.routing_keys, out.weights):
+            tensordict.set(key, value.reshape(*shape, value.shape[-1]))
+        tensordict.set(self.cost_key, out.cost.reshape(shape))
         return tensordict
 
     def _stored_states(
-        self, flat: TensorDictBase, is_init: torch.Tensor, recurrent: bool
+        self, tensordict: TensorDictBase, x: torch.Tensor, is_init: torch.Tensor, recurrent: bool
     ) -> list[list[torch.Tensor]]:
         """Stored states ``[N, T, h]`` per block (zeros where allowed to be missing)."""
-        n, steps = flat.batch_size
-        missing = [key for key in self.state_keys if key not in flat.keys(include_nested=True)]
-        if missing:
-            fresh = is_init[:, 0] if recurrent else is_init
-            if not bool(fresh.all()):
-                raise KeyError(
-                    f"MoPModule: hidden states {missing} are missing where is_init is False. "
-                    "Register the module's primer with the environment "
-                    "(env.append_transform(policy_module.make_tensordict_primer()), or "
-                    "Collector(..., auto_register_policy_transforms=True)): without it TorchRL "
-                    "drops the recurrent state between steps."
-                )
-        x = flat.get(self.in_key)
-        stored = []
+        n, steps = is_init.shape
+        stored, missing = [], []
         for block in self.block_state_keys:
             states = []
             for key, size in block:
-                value = flat.get(key, None)
+                value = tensordict.get(key, None)
                 if value is None:
+                    missing.append(key)
                     value = x.new_zeros(n, steps, size)
                 elif value.shape[-1] != size:
                     raise ValueError(
@@ -228,68 +231,12 @@ class MoPModule(TensorDictModuleBase):
                     )
                 states.append(value.reshape(n, steps, size))
             stored.append(states)
+        if missing and not bool((is_init[:, 0] if recurrent else is_init).all()):
+            raise KeyError(
+                f"MoPModule: hidden states {missing} are missing where is_init is False. "
+                "Register the module's primer with the environment "
+                "(env.append_transform(policy_module.make_tensordict_primer()), or "
+                "Collector(..., auto_register_policy_transforms=True)): without it TorchRL "
+                "drops the recurrent state between steps."
+            )
         return stored
-
-    def _forward_sequences(
-        self, x: torch.Tensor, stored: list[list[torch.Tensor]], is_init: torch.Tensor
-    ) -> TensorDict:
-        """Recurrent mode over ``[N, T]``: segments start at t=0 and at each ``is_init``."""
-        n, steps = is_init.shape
-        starts = is_init.clone()
-        starts[:, 0] = True
-        if bool(starts[:, 1:].any()):
-            segments = _Segments(starts)
-            states = [[segments.initial(s) for s in block] for block in stored]
-            out = self.core(segments.pack(x), states)
-            features = segments.unpack(out.features)
-            weights = [segments.unpack(w) for w in out.weights]
-            cost = segments.unpack(out.cost)
-            seq_states = [[segments.unpack(s) for s in block] for block in out.states]
-        else:
-            states = [[s[:, 0] for s in block] for block in stored]
-            out = self.core(x, states)
-            features, weights, cost, seq_states = out.features, out.weights, out.cost, out.states
-        # ("next", state) holds each segment's final state at its last step, zeros elsewhere.
-        ends = torch.ones_like(starts)
-        ends[:, :-1] = starts[:, 1:]
-        ends = ends.unsqueeze(-1).to(x.dtype)
-        seq_states = [[s * ends for s in block] for block in seq_states]
-        return self._outputs(features, weights, cost, seq_states, n, steps)
-
-    def _outputs(self, features, weights, cost, states, n: int, steps: int) -> TensorDict:
-        td = TensorDict({self.out_key: features}, batch_size=[n, steps])
-        for block_keys, block_states in zip(self.block_state_keys, states):
-            for (key, _), state in zip(block_keys, block_states):
-                td.set(("next", *key), state.unsqueeze(-2))
-        for key, value in zip(self.routing_keys, weights):
-            td.set(key, value)
-        td.set(self.cost_key, cost)
-        return td
-
-
-class _Segments:
-    """Splits ``[N, T]`` rows at segment starts into a padded ``[S, L]`` layout and back."""
-
-    def __init__(self, starts: torch.Tensor) -> None:
-        n, steps = starts.shape
-        self.shape = (n, steps)
-        flat_starts = starts.reshape(-1)
-        self.segment = flat_starts.long().cumsum(0) - 1  # segment id of each (n, t)
-        start_index = torch.nonzero(flat_starts).squeeze(-1)  # flat index of each start
-        self.num_segments = start_index.numel()
-        self.position = torch.arange(n * steps, device=starts.device) - start_index[self.segment]
-        lengths = torch.diff(start_index, append=start_index.new_tensor([n * steps]))
-        self.length = int(lengths.max())
-        self.start_index = start_index
-
-    def pack(self, value: torch.Tensor) -> torch.Tensor:
-        flat = value.reshape(-1, *value.shape[2:])
-        out = flat.new_zeros(self.num_segments, self.length, *value.shape[2:])
-        return out.index_put((self.segment, self.position), flat)
-
-    def unpack(self, packed: torch.Tensor) -> torch.Tensor:
-        return packed[self.segment, self.position].reshape(*self.shape, *packed.shape[2:])
-
-    def initial(self, stored: torch.Tensor) -> torch.Tensor:
-        """The stored state ``[N, T, h]`` at each segment's first step, ``[S, h]``."""
-        return stored.reshape(-1, stored.shape[-1])[self.start_index]

@@ -1,0 +1,118 @@
+"""The fused core equals the reference (forward and gradients), compiles, and is benchmarked."""
+
+import json
+
+import pytest
+import torch
+from tensordict import TensorDict
+from torchrl.modules import set_recurrent_mode
+
+from mop_torchrl import MoPConfig, MoPModule, bench
+from mop_torchrl.fused import _GRUScan
+from mop_torchrl.model import MoPCore
+
+CONFIGS = ["0,4,8;6", "0", "0;5,3", "7,2,0;0;3", "16,32;8,1"]
+
+
+def pair(layers: str, **kwargs) -> tuple[MoPModule, MoPModule]:
+    cfg = MoPConfig(input_dim=5, layers=layers, intermediate_dim=12, router_dim=4, **kwargs)
+    fused = MoPModule(cfg, in_key="x", implementation="fused")
+    reference = MoPModule(cfg, in_key="x", implementation="reference")
+    reference.load_state_dict(fused.state_dict())
+    return fused, reference
+
+
+def run_and_grad(module: MoPModule, td: TensorDict, recurrent: bool, seed: int):
+    """Outputs and gradients w.r.t. parameters, input and stored states (train mode)."""
+    leaves = td.apply(lambda t: t.detach().requires_grad_(t.is_floating_point()))
+    torch.manual_seed(seed)
+    with set_recurrent_mode(recurrent):
+        out = module(leaves.clone(False))
+    loss = out["features"].pow(2).sum() + 1e-3 * out["routing", "cost"].sum()
+    loss = loss + sum(out["next", *key].pow(2).sum() for key in module.state_keys)
+    inputs = [leaves["x"], *(leaves[key] for key in module.state_keys)]
+    grads = torch.autograd.grad(loss, [*module.parameters(), *inputs], allow_unused=True)
+    return out.exclude(*td.keys()), grads
+
+
+@pytest.mark.parametrize("layers", CONFIGS)
+@pytest.mark.parametrize("recurrent", [False, True])
+def test_fused_equals_reference(layers, recurrent):
+    torch.manual_seed(0)
+    # Expert dropout draws the same numbers in step mode only (the reference recurrent mode
+    # draws them for its padded segments).
+    fused, reference = pair(layers, dropout_gamma=0.5, dropout_beta=0.0 if recurrent else 0.8)
+    shape = [3, 9] if recurrent else [4]
+    td = TensorDict(
+        {"x": torch.randn(*shape, 5), "is_init": torch.rand(*shape, 1) < 0.25}, shape
+    ).update(fused.initial_state(shape).apply(torch.randn_like))
+    out_fused, grads_fused = run_and_grad(fused, td, recurrent, seed=1)
+    out_ref, grads_ref = run_and_grad(reference, td, recurrent, seed=1)
+    torch.testing.assert_close(out_fused, out_ref, atol=1e-5, rtol=1e-5)
+    for g_fused, g_ref in zip(grads_fused, grads_ref, strict=True):
+        if g_ref is None:  # e.g. a state overwritten by is_init in step mode
+            assert g_fused is None or not g_fused.any()
+        else:
+            torch.testing.assert_close(g_fused, g_ref, atol=1e-5, rtol=1e-5)
+
+
+def test_fused_core_from_initial_states():
+    """Sequences without resets (``starts=None``) run the same scan from ``[S, h]`` states."""
+    torch.manual_seed(0)
+    cfg = MoPConfig(input_dim=5, layers="0,3;4", intermediate_dim=6, router_dim=2)
+    fused, reference = MoPCore(cfg, "fused").eval(), MoPCore(cfg, "reference").eval()
+    reference.load_state_dict(fused.state_dict())
+    x = torch.randn(2, 7, 5)
+    states = [[torch.randn(2, h, requires_grad=True) for h in b.state_sizes] for b in fused.blocks]
+    outs = [core(x, states) for core in (fused, reference)]
+    torch.testing.assert_close(outs[0].features, outs[1].features, atol=1e-5, rtol=1e-5)
+    grads = [torch.autograd.grad(out.features.sum(), states[1]) for out in outs]
+    torch.testing.assert_close(grads[0], grads[1], atol=1e-5, rtol=1e-5)
+
+
+def test_gru_scan_gradcheck():
+    torch.manual_seed(0)
+    batch, steps, size = 3, 5, 4
+    options = {"dtype": torch.float64, "requires_grad": True}
+    gi = torch.randn(batch, steps, 3 * size, **options)
+    stored = torch.randn(batch, steps, size, **options)
+    starts = torch.rand(batch, steps) < 0.3
+    starts[:, 0] = True
+    w_hh, b_hh = torch.randn(3 * size, size, **options), torch.randn(3 * size, **options)
+    assert torch.autograd.gradcheck(
+        lambda *args: _GRUScan.apply(args[0], args[1], starts, *args[2:]),
+        (gi, stored, w_hh, b_hh),
+    )
+
+
+def test_compiled_step_mode_matches_eager():
+    torch.manual_seed(0)
+    fused, _ = pair("0,4;3")
+    fused.eval()
+    td = TensorDict({"x": torch.randn(4, 5), "is_init": torch.rand(4, 1) < 0.5}, [4])
+    td.update(fused.initial_state([4]).apply(torch.randn_like))
+    compiled = torch.compile(fused)
+    with torch.no_grad():
+        expected = fused(td.clone())
+        for _ in range(2):  # second call: compiled code reused
+            torch.testing.assert_close(compiled(td.clone()), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_benchmarks_smoke(tmp_path, capsys):
+    tiny = {"preset": "paper", "input_dim": 8, "gru_hidden": 16, "repeats": 2, "min_time": 0.0}
+    step = bench.run_step_benchmark([1, 3], **tiny)
+    sequence = bench.run_sequence_benchmark(2, 4, **tiny)
+    for result, candidates in [
+        (step, {"mop_fused", "mop_reference", "gru"}),
+        (sequence, {"mop_fused", "mop_reference", "gru_pad", "gru_scan", "mop_step_loop"}),
+    ]:
+        assert {"device", "versions", "config", "params", "results"} <= set(result)
+        assert {row["candidate"] for row in result["results"]} == candidates
+        for row in result["results"]:
+            assert row["min_s"] <= row["median_s"] <= row["max_s"]
+            assert len(row["repeats_s"]) == 2 and row["samples_per_s"] > 0
+        assert "x GRU time" in bench.format_table(result)
+    out = tmp_path / "step.json"
+    assert bench.main(["step", "--batches", "2", "--repeats", "1", "--out", str(out)]) == 0
+    assert json.loads(out.read_text())["config"]["batches"] == [2]
+    assert "mop_fused" in capsys.readouterr().out
