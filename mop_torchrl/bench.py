@@ -3,6 +3,9 @@
 * :func:`run_step_benchmark`: policy steps/s in step mode (what collectors call, inference under
   ``torch.no_grad()`` in eval mode) for the fused and the reference MoP and a
   ``GRUModule`` of comparable size; on CUDA also replayed as CUDA graphs.
+* :func:`run_collector_benchmark`: collector frames/s on a BabyAI level with a random, a GRU
+  and a MoP policy, beside env-only steps/s, so the policy's share of the time is visible
+  (env frames/s and policy steps/s are different things, as Sample Factory reports them).
 * :func:`run_sequence_benchmark`: recurrent-mode training throughput (forward + backward
   samples/s on ``[batch, steps]`` with ``is_init`` resets inside the sequences) for the same
   candidates, the ``GRUModule``'s ``"pad"`` and ``"scan"`` backends, and the fused MoP stepped
@@ -35,7 +38,13 @@ import mop_torchrl
 from mop_torchrl.config import MoPConfig
 from mop_torchrl.module import MoPModule
 
-__all__ = ["format_table", "main", "run_sequence_benchmark", "run_step_benchmark"]
+__all__ = [
+    "format_table",
+    "main",
+    "run_collector_benchmark",
+    "run_sequence_benchmark",
+    "run_step_benchmark",
+]
 
 STEP_BATCHES = (1, 16, 64, 256, 1024, 4096)
 
@@ -195,18 +204,106 @@ def run_sequence_benchmark(
     return result
 
 
+def run_collector_benchmark(
+    level: str = "BabyAI-GoToLocal-v0",
+    num_envs: int = 2,
+    parallel: bool = True,
+    frames: int = 2048,
+    repeats: int = 3,
+    preset: str = "seed",
+) -> dict[str, Any]:
+    """Collector frames/s with a random, GRU(512) and MoP policy, and env-only steps/s.
+
+    Each candidate gets a fresh env per repeat (a collector registers its policy's primer on
+    the env it is given) and one warm-up batch; the timed batch is ``frames`` frames.
+    """
+    from torchrl.collectors import Collector
+    from torchrl.envs.utils import RandomPolicy
+
+    from mop_torchrl.envs import make_babyai_env
+    from mop_torchrl.policies import make_policy
+
+    def make_env():
+        return make_babyai_env(level, num_envs=num_envs, seed=0, parallel=parallel)
+
+    mop_actor, _ = make_policy("mop", mop=MoPConfig.from_preset(preset))
+    gru_actor, _ = make_policy("gru", gru_hidden_size=512)
+    policies = {"random": None, "gru": gru_actor.eval(), "mop": mop_actor.eval()}
+    times: dict[str, list[float]] = {"env_only": [], **{name: [] for name in policies}}
+    for _ in range(repeats):
+        env = make_env()
+        env.rollout(8, break_when_any_done=False)
+        start = time.perf_counter()
+        env.rollout(frames // num_envs, break_when_any_done=False)
+        times["env_only"].append(time.perf_counter() - start)
+        env.close()
+        for name, policy in policies.items():
+            env = make_env()
+            collector = Collector(
+                env,
+                policy or RandomPolicy(env.full_action_spec),
+                frames_per_batch=frames,
+                total_frames=2 * frames,
+                auto_register_policy_transforms=True,
+            )
+            batches = iter(collector)
+            next(batches)
+            start = time.perf_counter()
+            next(batches)
+            times[name].append(time.perf_counter() - start)
+            collector.shutdown()
+    rows = []
+    random = statistics.median(times["random"])
+    for name, values in times.items():
+        median = statistics.median(values)
+        rows.append(
+            {
+                "candidate": name,
+                "median_s": median,
+                "min_s": min(values),
+                "max_s": max(values),
+                "repeats_s": values,
+                "frames_per_s": frames / median,
+                "ratio_vs_random": random / median,
+            }
+        )
+    device = torch.device("cpu")
+    params = {"mop": _num_params(mop_actor), "gru": _num_params(gru_actor)}
+    header = _header(
+        "collector",
+        device,
+        MoPConfig.from_preset(preset),
+        params,
+        repeats,
+        level=level,
+        num_envs=num_envs,
+        parallel=parallel,
+        frames=frames,
+    )
+    return {**header, "results": rows}
+
+
 def format_table(result: dict[str, Any]) -> str:
     """A plain-text table of a benchmark result."""
+    title = (
+        f"{result['benchmark']} benchmark on {result['device']} "
+        f"(torch {result['versions']['torch']}, {result['threads']} threads)"
+    )
+    if result["benchmark"] == "collector":
+        head = f"{'candidate':<10} {'frames/s':>9} {'min-max ms':>17} {'x random':>9}"
+        lines = [title, head, "-" * len(head)]
+        for row in result["results"]:
+            spread = f"{row['min_s'] * 1e3:.0f}-{row['max_s'] * 1e3:.0f}"
+            lines.append(
+                f"{row['candidate']:<10} {row['frames_per_s']:>9.0f} {spread:>17} "
+                f"{row['ratio_vs_random']:>9.2f}"
+            )
+        return "\n".join(lines)
     step = result["benchmark"] == "step"
     head = f"{'batch':>6} " if step else ""
     head += f"{'candidate':<16} {'median ms':>10} {'min-max ms':>17} {'samples/s':>11}"
     head += f" {'x GRU time':>10}" + ("" if step else f" {'vs loop':>8}")
-    lines = [
-        f"{result['benchmark']} benchmark on {result['device']} "
-        f"(torch {result['versions']['torch']}, {result['threads']} threads)",
-        head,
-        "-" * len(head),
-    ]
+    lines = [title, head, "-" * len(head)]
     for row in result["results"]:
         line = f"{row['batch']:>6} " if step else ""
         spread = f"{row['min_s'] * 1e3:.3f}-{row['max_s'] * 1e3:.3f}"
@@ -223,7 +320,9 @@ def format_table(result: dict[str, Any]) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     """``step`` / ``sequence`` / ``all``: run benchmarks, print tables, write JSON."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("benchmark", choices=("step", "sequence", "all"), nargs="?", default="all")
+    parser.add_argument(
+        "benchmark", choices=("step", "sequence", "collector", "all"), nargs="?", default="all"
+    )
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument("--preset", default="seed")
@@ -232,13 +331,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=64, help="sequence")
     parser.add_argument("--steps", type=int, default=32, help="sequence")
     parser.add_argument("--reset-prob", type=float, default=0.05, help="sequence")
+    parser.add_argument("--level", default="BabyAI-GoToLocal-v0", help="collector")
+    parser.add_argument("--num-envs", type=int, default=2, help="collector: env workers")
+    parser.add_argument("--serial", action="store_true", help="collector: SerialEnv")
+    parser.add_argument("--frames", type=int, default=2048, help="collector: frames timed")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     parser.add_argument("--out-dir", default="bench_results")
     parser.add_argument("--out", default=None, help="JSON path (one benchmark only)")
     args = parser.parse_args(argv)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    which = ("step", "sequence") if args.benchmark == "all" else (args.benchmark,)
+    which = ("step", "sequence", "collector") if args.benchmark == "all" else (args.benchmark,)
     common = {"device": args.device, "preset": args.preset}
     if args.repeats is not None:
         common["repeats"] = args.repeats
@@ -246,9 +349,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         if name == "step":
             batches = [int(b) for b in args.batches.split(",")]
             result = run_step_benchmark(batches, cuda_graphs=not args.no_cuda_graphs, **common)
-        else:
+        elif name == "sequence":
             result = run_sequence_benchmark(
                 args.batch, args.steps, reset_prob=args.reset_prob, **common
+            )
+        else:
+            result = run_collector_benchmark(
+                args.level,
+                args.num_envs,
+                parallel=not args.serial,
+                frames=args.frames,
+                repeats=common.get("repeats", 3),
+                preset=args.preset,
             )
         out = Path(args.out if args.out and len(which) == 1 else Path(args.out_dir, f"{name}.json"))
         out.parent.mkdir(parents=True, exist_ok=True)

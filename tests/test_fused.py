@@ -116,3 +116,13 @@ def test_benchmarks_smoke(tmp_path, capsys):
     assert bench.main(["step", "--batches", "2", "--repeats", "1", "--out", str(out)]) == 0
     assert json.loads(out.read_text())["config"]["batches"] == [2]
     assert "mop_fused" in capsys.readouterr().out
+
+
+def test_collector_benchmark_smoke():
+    result = bench.run_collector_benchmark(
+        "GoToRedBall", num_envs=2, parallel=False, frames=32, repeats=1, preset="paper"
+    )
+    names = [row["candidate"] for row in result["results"]]
+    assert names == ["env_only", "random", "gru", "mop"]
+    assert all(row["frames_per_s"] > 0 for row in result["results"])
+    assert "x random" in bench.format_table(result)
