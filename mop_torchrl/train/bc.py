@@ -10,26 +10,19 @@ from __future__ import annotations
 from collections.abc import Iterator
 from pathlib import Path
 
-import torch
 from tensordict import TensorDictBase
 
 from mop_torchrl.demos import open_demos, sample_sequences
 from mop_torchrl.envs import resolve_level
 from mop_torchrl.train.config import TrainConfig
-from mop_torchrl.train.imitation import imitation_step
-from mop_torchrl.train.run import Run, build_policy
+from mop_torchrl.train.imitation import imitation_step, start_imitation
 
 __all__ = ["train_bc"]
 
 
 def train_bc(config: TrainConfig, resume: bool = False) -> Path:
     """Runs (or resumes) behaviour cloning from ``config.demos``; returns the run directory."""
-    run = Run(config, resume)
-    torch.manual_seed(config.seed)
-    actor, critic = build_policy(config)
-    optimizer = torch.optim.Adam(actor.parameters(), lr=config.lr)
-    modules = {"actor": actor, "critic": critic}
-    run.restore(modules, optimizer)
+    run, actor, optimizer, modules = start_imitation(config, resume)
     buffer, meta = open_demos(config.demos)
     if resolve_level(meta["level"]) != resolve_level(config.task_id):
         raise ValueError(f"demos in {config.demos!r} are for {meta['level']}, not {config.task_id}")

@@ -25,7 +25,7 @@ from mop_torchrl.train.collection import segment_batches
 from mop_torchrl.train.config import TrainConfig
 from mop_torchrl.train.run import EpisodeStats, Run, build_policy, check_finite
 
-__all__ = ["imitation_loss", "imitation_step", "train_imitation"]
+__all__ = ["imitation_loss", "imitation_step", "start_imitation", "train_imitation"]
 
 
 def imitation_loss(
@@ -91,14 +91,22 @@ def routing_metrics(td: TensorDictBase) -> dict[str, float]:
     return metrics
 
 
-def train_imitation(config: TrainConfig, resume: bool = False) -> Path:
-    """Runs (or resumes) online imitation; returns the run directory."""
+def start_imitation(
+    config: TrainConfig, resume: bool
+) -> tuple[Run, nn.Module, torch.optim.Optimizer, dict[str, nn.Module]]:
+    """The run, actor, optimizer and checkpointed modules of an imitation run (online or BC)."""
     run = Run(config, resume)
     torch.manual_seed(config.seed)
     actor, critic = build_policy(config)
     optimizer = torch.optim.Adam(actor.parameters(), lr=config.lr)
     modules = {"actor": actor, "critic": critic}
     run.restore(modules, optimizer)
+    return run, actor, optimizer, modules
+
+
+def train_imitation(config: TrainConfig, resume: bool = False) -> Path:
+    """Runs (or resumes) online imitation; returns the run directory."""
+    run, actor, optimizer, modules = start_imitation(config, resume)
     batches = segment_batches(actor, config, run.start_update, expert=True)
     run.fit(batches, imitation_step(actor, optimizer, config), modules, optimizer, EpisodeStats())
     return run.dir
