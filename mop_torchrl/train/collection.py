@@ -254,6 +254,9 @@ def segment_batches(
                 update += 1
         finally:
             collector.shutdown()
+            # Closing a batched env raises torch's thread count (torchrl 0.14): restore ours,
+            # or updates after a resume would run with other threads (other rounding).
+            torch.set_num_threads(config.torch_threads)
 
 
 def _as_env_rows(data: TensorDictBase, config: TrainConfig) -> TensorDictBase:
