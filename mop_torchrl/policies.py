@@ -5,10 +5,11 @@ summed ("bag of words"), and the convolutional features are conditioned on the i
 with residual FiLM layers, so that colour and type can be grounded among distractors (plain
 concatenation plateaus on GoToLocal, SPEC section 4). Unlike BabyAI's final max-pool, the
 FiLM-ed map is reduced to a few channels per cell and flattened: with only three 3x3 layers,
-pooling lost where the target is, and online imitation stayed at chance accuracy. The instruction is encoded by a GRU over
-the mission tokens; identical missions in a batch are encoded once (halves the
-encoder's instruction time on a [16, 32] training batch; across collection steps a cache was
-not worth it: encoding is 0.22 ms of a 3.4 ms 16-env policy step).
+pooling lost where the target is, and online imitation stayed at chance accuracy.
+
+The instruction is encoded by a GRU over the mission tokens. Identical missions in a batch are
+encoded once (this halves the instruction time on a [16, 32] training batch); a cache across
+collection steps was not worth it (encoding is 0.22 ms of a 3.4 ms 16-env policy step).
 
 ``make_policy(kind="mop" | "gru")`` swaps only the recurrent core between the two policies.
 """
