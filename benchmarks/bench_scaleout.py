@@ -26,7 +26,6 @@ from tensordict.nn import InteractionType
 from mop_torchrl.train import TrainConfig
 from mop_torchrl.train.collection import (
     env_factories,
-    env_factory,
     make_collector,
     push_weights,
 )
@@ -37,14 +36,11 @@ def measure(config: TrainConfig, batches: int) -> dict[str, float]:
     """Start-up seconds and frames/s over ``batches`` batches after one warm-up batch."""
     torch.manual_seed(config.seed)
     actor = build_policy(config)[0].eval()
-    if config.backend == "inprocess":
-        create_env = env_factory(config, expert=True, seed=config.seed)
-    else:
-        create_env = env_factories(config, expert=True, seed=config.seed)
+    create_envs = env_factories(config, expert=True, seed=config.seed)
     frames = config.num_envs * config.unroll_len
     t0 = time.perf_counter()
     collector = make_collector(
-        config, actor, create_env, frames * (batches + 1), InteractionType.DETERMINISTIC
+        config, actor, create_envs, frames * (batches + 1), InteractionType.DETERMINISTIC
     )
     try:
         iterator = iter(collector)

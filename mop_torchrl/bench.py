@@ -72,11 +72,7 @@ def run_step_benchmark(
     torch.manual_seed(seed)
     dev = torch.device(device)
     config = MoPConfig.from_preset(preset, input_dim=input_dim)
-    mop = {
-        impl: MoPModule(config, in_key="embed", implementation=impl).to(dev).eval()
-        for impl in ("fused", "reference")
-    }
-    mop["reference"].load_state_dict(mop["fused"].state_dict())
+    mop = _mop_pair(config, dev).eval()
     gru = GRUModule(
         input_size=input_dim, hidden_size=gru_hidden, in_key="embed", out_key="features"
     )
@@ -148,11 +144,7 @@ def run_sequence_benchmark(
     torch.manual_seed(seed)
     dev = torch.device(device)
     config = MoPConfig.from_preset(preset, input_dim=input_dim)
-    mop = {
-        impl: MoPModule(config, in_key="embed", implementation=impl).to(dev).train()
-        for impl in ("fused", "reference")
-    }
-    mop["reference"].load_state_dict(mop["fused"].state_dict())
+    mop = _mop_pair(config, dev).train()
     grus = {
         backend: GRUModule(
             input_size=input_dim,
@@ -371,6 +363,18 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 # --------------------------------------------------------------------------- helpers
+def _mop_pair(config: MoPConfig, device: torch.device) -> torch.nn.ModuleDict:
+    """The fused and the reference MoP core with the same weights."""
+    mop = torch.nn.ModuleDict(
+        {
+            impl: MoPModule(config, in_key="embed", implementation=impl)
+            for impl in ("fused", "reference")
+        }
+    ).to(device)
+    mop["reference"].load_state_dict(mop["fused"].state_dict())
+    return mop
+
+
 def _bind(module: torch.nn.Module, td: TensorDictBase) -> Callable[[], Any]:
     return lambda: module(td)
 

@@ -68,7 +68,7 @@ from torchrl.data import (
     TensorStorage,
 )
 
-from mop_torchrl.envs import make_babyai_env, resolve_level, worker_seeds
+from mop_torchrl.envs import NUM_ACTIONS, make_babyai_env, resolve_level, worker_seeds
 from mop_torchrl.tokenizer import MissionTokenizer
 
 __all__ = [
@@ -86,7 +86,6 @@ FORMAT_VERSION: int = 1
 
 _META = "demos.json"
 _LOCK = "lock"
-_NUM_ACTIONS = 7
 _COPY_ROWS = 65_536  # rows per copy when the storage grows
 _MIN_CAPACITY = 1024
 
@@ -356,7 +355,7 @@ class BotActor(TensorDictModuleBase):
         if self._generator is None:  # created lazily, in the worker process
             self._generator = torch.Generator().manual_seed(self.seed)
         label = tensordict.get("expert_action")
-        noise = torch.randint(0, _NUM_ACTIONS, label.shape, generator=self._generator)
+        noise = torch.randint(0, NUM_ACTIONS, label.shape, generator=self._generator)
         tensordict.set("action", torch.where(label >= 0, label, noise))
         return tensordict
 
@@ -437,7 +436,7 @@ def _gym_worker(
         done, step = False, 0
         while not done:
             label = int(obs["expert_action"])
-            noise = int(rng.integers(_NUM_ACTIONS))  # drawn every step: a fixed stream
+            noise = int(rng.integers(NUM_ACTIONS))  # drawn every step: a fixed stream
             action = label if label >= 0 else noise
             for key in ("image", "direction", "carrying", "mission", "expert_action"):
                 rows[key].append(obs[key])

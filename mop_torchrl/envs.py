@@ -78,7 +78,7 @@ __all__ = [
     "worker_seeds",
 ]
 
-_NUM_ACTIONS = 7  # minigrid Actions: left, right, forward, pickup, drop, toggle, done
+NUM_ACTIONS = 7  # minigrid Actions: left, right, forward, pickup, drop, toggle, done
 
 
 def babyai_levels() -> list[str]:
@@ -218,7 +218,7 @@ class BabyAIObservation(gym.Wrapper):
             ),
         }
         if expert:
-            obs_spaces["expert_action"] = spaces.Box(-1, _NUM_ACTIONS - 1, (), dtype=np.int64)
+            obs_spaces["expert_action"] = spaces.Box(-1, NUM_ACTIONS - 1, (), dtype=np.int64)
         self.observation_space = spaces.Dict(obs_spaces)
 
     @property
@@ -358,7 +358,7 @@ def _make_torchrl_env(
         # GymWrapper maps a scalar Box to shape (1,); the label must match the action's shape.
         obs_spec = env.observation_spec.clone()
         obs_spec["expert_action"] = Bounded(
-            -1, _NUM_ACTIONS - 1, shape=(), dtype=torch.int64, device=obs_spec.device
+            -1, NUM_ACTIONS - 1, shape=(), dtype=torch.int64, device=obs_spec.device
         )
         env.observation_spec = obs_spec
     spec = _info_spec(expert, path_ratio)

@@ -31,6 +31,7 @@ from torch import nn
 from torchrl.modules import GRUModule, ProbabilisticActor
 
 from mop_torchrl.config import MoPConfig
+from mop_torchrl.envs import NUM_ACTIONS
 from mop_torchrl.module import MoPModule
 from mop_torchrl.tokenizer import MissionTokenizer
 
@@ -38,7 +39,6 @@ __all__ = ["EncoderConfig", "ObservationEncoder", "make_policy"]
 
 # minigrid's OBJECT_TO_IDX has 11 entries, COLOR_TO_IDX 6, STATE_TO_IDX 3.
 _ATTRIBUTE_SIZES = (11, 6, 3)
-NUM_ACTIONS = 7
 
 
 @dataclasses.dataclass

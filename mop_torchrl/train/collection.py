@@ -117,7 +117,7 @@ def policy_factory(config: TrainConfig) -> Callable[[], nn.Module]:
 def make_collector(
     config: TrainConfig,
     actor: nn.Module,
-    create_env: Callable[[], EnvBase] | Sequence[Callable[[], EnvBase]],
+    create_envs: Sequence[Callable[[], EnvBase]],
     total_frames: int,
     exploration: InteractionType,
 ) -> BaseCollector:
@@ -129,8 +129,8 @@ def make_collector(
         actor (nn.Module): the learner's actor. In-process it is the collection policy; the
             other backends build their own copy in each worker (:func:`policy_factory`) and use
             ``actor`` only as the source of the weights :func:`push_weights` sends.
-        create_env (callable or list of callables): the env factory, or one per worker
-            (:func:`env_factories`).
+        create_envs (list of callables): one env factory per worker (:func:`env_factories`;
+            the in-process backend is one worker).
         total_frames (int): frames to collect before the iterator stops.
         exploration (InteractionType): the policy's interaction type while collecting.
 
@@ -138,7 +138,6 @@ def make_collector(
         a collector whose batches hold every worker's ``[num_envs / num_workers,
         unroll_len]`` block (worker dimension first); see :func:`segment_batches`.
     """
-    create_envs = list(create_env) if isinstance(create_env, Sequence) else [create_env]
     frames = config.num_envs * config.unroll_len
     if config.backend == "inprocess":
         if len(create_envs) != 1:
@@ -240,11 +239,8 @@ def segment_batches(
         segment = update // config.checkpoint_interval
         end = min((segment + 1) * config.checkpoint_interval, config.num_updates)
         seed = config.seed + 7919 * (segment + 1) + salt
-        if config.backend == "inprocess":
-            create_env = env_factory(config, expert, seed)
-        else:
-            create_env = env_factories(config, expert, seed)
-        collector = make_collector(config, actor, create_env, frames * (end - update), exploration)
+        create_envs = env_factories(config, expert, seed)
+        collector = make_collector(config, actor, create_envs, frames * (end - update), exploration)
         try:
             batches = iter(collector)
             while update < end:
