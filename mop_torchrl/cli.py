@@ -39,6 +39,7 @@ def _eval(args: argparse.Namespace) -> None:
         task_id=args.task_id,
         weight_threshold=args.threshold,
         disable_largest=args.disable_largest,
+        probe_episodes=args.probe_episodes,
     )
     if args.json:
         print(json.dumps(result))
@@ -154,6 +155,13 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--episodes", type=int, default=100)
     evaluate.add_argument("--seed", type=int, default=0)
     evaluate.add_argument("--num_envs", type=int, default=8)
+    evaluate.add_argument(
+        "--probe_episodes",
+        type=int,
+        default=64,
+        help="bot-driven episodes for the grounding probe (label accuracy with true vs "
+        "shuffled missions); 0 skips it",
+    )
     evaluate.add_argument("--task_id", default=None, help="level (default: the training one)")
     evaluate.add_argument("--threshold", type=float, default=0.0, help="MoP weight threshold τ")
     evaluate.add_argument("--disable-largest", action="store_true", help="MoP: no largest expert")

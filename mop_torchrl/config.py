@@ -116,8 +116,14 @@ class MoPConfig:
     """Expert dropout threshold ``γ``: experts with weight below it may be dropped."""
     cost_exponent: float = 2.0
     """Exponent ``c`` of the routing cost ``Σ p_i d_i^c``."""
-    alpha: float = 1e-5
-    """Routing-cost weight ``α`` in the loss (0 disables the cost term)."""
+    cost_norm: Literal["block_max", "none"] = "block_max"
+    """``block_max``: each block's cost is divided by its largest expert's ``d^c``, so the
+    cost lies in ``[0, num_blocks]`` and ``α`` means the same for every preset; ``none``: the
+    paper's raw ``Σ p_i d_i^c``."""
+    alpha: float = 1e-2
+    """Routing-cost weight ``α`` in the loss (0 disables the cost term). The default is the
+    paper's pressure (α=1e-5 on raw costs whose largest expert costs 32² = 1024 per block)
+    expressed in normalised units: 1e-5 × 1024 ≈ 1e-2."""
     epsilon: float = 1e-2
     """``ε`` in the performance-scaled cost ``α·cost/(ε + L)``."""
     cost_mode: Literal["scaled", "plain"] = "scaled"
@@ -133,6 +139,10 @@ class MoPConfig:
             raise ValueError(
                 f"MoPConfig.expert_norm must be 'layer' or 'none', got {self.expert_norm!r}"
             )
+        if self.cost_norm not in ("block_max", "none"):
+            raise ValueError(
+                f"MoPConfig.cost_norm must be 'block_max' or 'none', got {self.cost_norm!r}"
+            )
         if self.cost_mode not in ("scaled", "plain"):
             raise ValueError(
                 f"MoPConfig.cost_mode must be 'scaled' or 'plain', got {self.cost_mode!r}"
@@ -143,12 +153,14 @@ class MoPConfig:
             )
         if not 0.0 <= self.dropout_beta <= 1.0:
             raise ValueError(f"MoPConfig.dropout_beta must be in [0, 1], got {self.dropout_beta!r}")
-        if self.alpha < 0:
-            raise ValueError(f"MoPConfig.alpha must be >= 0, got {self.alpha!r}")
-        if self.epsilon <= 0:
-            raise ValueError(f"MoPConfig.epsilon must be > 0, got {self.epsilon!r}")
-        if self.cost_exponent < 0:
-            raise ValueError(f"MoPConfig.cost_exponent must be >= 0, got {self.cost_exponent!r}")
+        if not 0 <= self.alpha < float("inf"):
+            raise ValueError(f"MoPConfig.alpha must be finite and >= 0, got {self.alpha!r}")
+        if not 0 < self.epsilon < float("inf"):
+            raise ValueError(f"MoPConfig.epsilon must be finite and > 0, got {self.epsilon!r}")
+        if not 0 <= self.cost_exponent < float("inf"):
+            raise ValueError(
+                f"MoPConfig.cost_exponent must be finite and >= 0, got {self.cost_exponent!r}"
+            )
 
     @classmethod
     def from_preset(cls, name: str, **overrides: Any) -> MoPConfig:

@@ -49,7 +49,8 @@ class BlockOutput:
     weights: torch.Tensor
     """Mixing weights after expert dropout ``[S, L, k]``."""
     cost: torch.Tensor
-    """This block's routing cost ``Σ_i p_i d_i^c`` (pre-dropout ``p``) ``[S, L]``."""
+    """This block's routing cost ``Σ_i p_i d_i^c`` (pre-dropout ``p``; divided by the largest
+    ``d_i^c`` with ``cost_norm="block_max"``) ``[S, L]``."""
     states: list[torch.Tensor]
     """Hidden state after every step, router first then non-identity experts, ``[S, L, h]``."""
 
@@ -78,8 +79,11 @@ class MoPBlock(nn.Module):
         # Structure-derived constants, as buffers so they follow the module's device.
         stateful = [i for i, size in enumerate(sizes) if size > 0]
         largest = max(range(len(sizes)), key=sizes.__getitem__)
+        cost = torch.tensor([float(size) ** config.cost_exponent for size in sizes])
+        if config.cost_norm == "block_max" and cost.max() > 0:
+            cost = cost / cost.max()
         constants = {
-            "expert_cost": torch.tensor([float(size) ** config.cost_exponent for size in sizes]),
+            "expert_cost": cost,
             "largest_mask": torch.arange(len(sizes)) == largest,
             "identity_mask": torch.tensor([float(size == 0) for size in sizes]),
             "stateful_index": torch.tensor(stateful, dtype=torch.long),

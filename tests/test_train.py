@@ -57,7 +57,7 @@ def test_non_finite_loss_stops_and_keeps_last_checkpoint(tmp_path, monkeypatch):
         return (loss * torch.nan if len(calls) == 3 else loss), metrics
 
     monkeypatch.setattr(imitation_module, "imitation_loss", poisoned)
-    config = tiny(tmp_path, num_updates=4, checkpoint_interval=2)
+    config = tiny(tmp_path, num_updates=4, checkpoint_interval=2, updates_per_batch=1)
     with pytest.raises(NonFiniteLossError, match="update 2"):
         train(config)
     saved = load_checkpoint(tmp_path / config.name / "checkpoint.pt")
@@ -90,6 +90,10 @@ def test_corrupt_and_incompatible_checkpoints(tmp_path):
         ({"alpha": -1}, "alpha"),
         ({"algo": "bc"}, "demos"),
         ({"algo": "ppo", "num_envs": 6, "minibatches": 4}, "minibatches"),
+        ({"unroll_len": 16, "burn_in": 8, "slice_len": 16}, "burn_in"),
+        ({"unroll_len": 16, "buffer_frames": 100}, "buffer_frames"),
+        ({"dagger_beta": 1.5}, "dagger_beta"),
+        ({"alpha": float("inf")}, "alpha"),
     ],
 )
 def test_bad_config_is_rejected_naming_the_key(overrides, message):

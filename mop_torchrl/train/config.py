@@ -63,6 +63,17 @@ class TrainConfig:
     """Gradient clipping norm."""
     student_action: Literal["greedy", "sample"] = "greedy"
     """imitation: the student acts greedily or samples from its policy."""
+    buffer_frames: int = 32768
+    """imitation: frames of labelled student rollouts kept for replay (the DAgger dataset)."""
+    updates_per_batch: int = 4
+    """imitation: optimizer updates on replayed slices per collected batch."""
+    burn_in: int = 0
+    """imitation: steps at the start of each replayed slice that refresh the stored hidden
+    state without a loss (R2D2); burn_in + slice_len <= unroll_len."""
+    dagger_beta: float = 0.0
+    """imitation: probability that the bot, not the student, acts (DAgger's β) at update 0."""
+    dagger_beta_updates: int = 0
+    """imitation: updates over which β decays linearly to 0 (0: β stays constant)."""
 
     mop_preset: Literal["seed", "paper"] = "seed"
     """MoP preset the mop_* overrides apply to."""
@@ -72,8 +83,11 @@ class TrainConfig:
     """MoP block width D (default: the preset's)."""
     mop_router_dim: int | None = None
     """MoP router hidden size R (default: the preset's)."""
-    alpha: float = 1e-5
-    """Routing-cost weight α (0 disables it)."""
+    alpha: float = 1e-2
+    """Routing-cost weight α (0 disables it), in the units cost_norm gives the cost."""
+    cost_norm: Literal["block_max", "none"] = "block_max"
+    """Routing cost per block divided by its largest expert's d^c (cost in [0, #blocks], α
+    preset-independent: block_max) or the paper's raw Σ p·d^c (none)."""
     epsilon: float = 1e-2
     """ε of the performance-scaled routing cost."""
     cost_mode: Literal["scaled", "plain"] = "scaled"
@@ -91,10 +105,11 @@ class TrainConfig:
 
     demos: str | None = None
     """bc: directory of a demo buffer written by `mop-torchrl demos`."""
-    batch_slices: int = 32
-    """bc: sequences per batch."""
-    slice_len: int = 32
-    """bc: sequence length sampled from the demos."""
+    batch_slices: int = 16
+    """imitation, bc: sequences per optimizer update."""
+    slice_len: int | None = None
+    """imitation, bc: length of each sequence (its loss-bearing steps in imitation); default
+    unroll_len - burn_in (imitation: whole collected rows), 32 (bc)."""
 
     init_checkpoint: str | None = None
     """ppo: start from this (imitation) checkpoint's weights."""
@@ -130,8 +145,9 @@ class TrainConfig:
         for field in dataclasses.fields(self):
             setattr(self, field.name, _coerce(field, getattr(self, field.name)))
         positive = ["num_envs", "unroll_len", "num_updates", "log_interval", "checkpoint_interval"]
-        positive += ["gru_hidden_size", "image_channels", "instr_dim", "batch_slices", "slice_len"]
+        positive += ["gru_hidden_size", "image_channels", "instr_dim", "batch_slices"]
         positive += ["ppo_epochs", "minibatches", "torch_threads", "num_workers"]
+        positive += ["updates_per_batch"]
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ValueError(f"config key {name!r} must be > 0, got {getattr(self, name)!r}")
@@ -143,6 +159,29 @@ class TrainConfig:
                 raise ValueError(
                     f"config key {name!r} must be in [0, 1], got {getattr(self, name)}"
                 )
+        if self.slice_len is None:
+            self.slice_len = self.unroll_len - self.burn_in if self.algo == "imitation" else 32
+        if self.slice_len <= 0:
+            raise ValueError(f"config key 'slice_len' must be > 0, got {self.slice_len}")
+        if self.algo == "imitation":
+            if self.burn_in < 0 or self.burn_in + self.slice_len > self.unroll_len:
+                raise ValueError(
+                    f"config keys 'burn_in' ({self.burn_in}) + 'slice_len' ({self.slice_len}) "
+                    f"must be at most 'unroll_len' ({self.unroll_len}): replayed slices lie "
+                    "within one collected row"
+                )
+            if self.buffer_frames % self.unroll_len or self.buffer_frames < self.unroll_len:
+                raise ValueError(
+                    f"config key 'buffer_frames' ({self.buffer_frames}) must be a positive "
+                    f"multiple of 'unroll_len' ({self.unroll_len})"
+                )
+            if not 0 <= self.dagger_beta <= 1 or self.dagger_beta_updates < 0:
+                raise ValueError(
+                    f"config keys 'dagger_beta' ({self.dagger_beta}) must be in [0, 1] and "
+                    f"'dagger_beta_updates' ({self.dagger_beta_updates}) >= 0"
+                )
+            if self.dagger_beta > 0 and self.backend != "inprocess":
+                raise ValueError("config key 'dagger_beta' > 0 needs backend 'inprocess'")
         if self.eval_episodes < 0:
             raise ValueError(f"config key 'eval_episodes' must be >= 0, got {self.eval_episodes}")
         if self.algo == "bc" and not self.demos:
@@ -176,6 +215,7 @@ class TrainConfig:
             "intermediate_dim": self.mop_intermediate_dim,
             "router_dim": self.mop_router_dim,
             "alpha": self.alpha,
+            "cost_norm": self.cost_norm,
             "epsilon": self.epsilon,
             "cost_mode": self.cost_mode,
             "dropout_beta": self.dropout_beta,

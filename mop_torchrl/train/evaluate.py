@@ -1,4 +1,10 @@
-"""Greedy evaluation of a policy on held-out BabyAI episodes."""
+"""Greedy evaluation of a policy on held-out BabyAI episodes, and a probe of mission grounding.
+
+Success alone can hide a policy that ignores the instruction (a mission-agnostic "visit the
+objects" policy solves GoToLocal 40-55% of the time). :func:`grounding_probe` measures whether
+the policy reads the mission: its label accuracy on bot-driven held-out episodes with the true
+missions, and with each episode's mission swapped for another episode's.
+"""
 
 from __future__ import annotations
 
@@ -6,21 +12,34 @@ import time
 from pathlib import Path
 from typing import Any
 
+import gymnasium as gym
 import torch
-from tensordict.nn import InteractionType
+from tensordict import TensorDictBase
+from tensordict.nn import InteractionType, set_interaction_type
 from torch import nn
 from torchrl.collectors import Collector
+from torchrl.modules import set_recurrent_mode
 
-from mop_torchrl.envs import make_babyai_env
+from mop_torchrl.demos import BotActor
+from mop_torchrl.envs import make_babyai_env, resolve_level
 from mop_torchrl.module import MoPModule
 from mop_torchrl.train.checkpoint import load_checkpoint
 from mop_torchrl.train.config import TrainConfig
 from mop_torchrl.train.run import build_policy, load_modules
 
-__all__ = ["EVAL_SEED_OFFSET", "evaluate", "evaluate_checkpoint", "load_actor"]
+__all__ = [
+    "EVAL_SEED_OFFSET",
+    "bot_episodes",
+    "evaluate",
+    "evaluate_checkpoint",
+    "grounding_probe",
+    "load_actor",
+]
 
 EVAL_SEED_OFFSET = 1_000_003
 """Evaluation seeds are ``seed + EVAL_SEED_OFFSET``, away from the training envs' seeds."""
+PROBE_SEED_OFFSET = 2_000_003
+"""The grounding probe's bot episodes use ``seed + PROBE_SEED_OFFSET``."""
 
 
 def load_actor(checkpoint: str | Path) -> tuple[nn.Module, TrainConfig]:
@@ -123,8 +142,10 @@ def evaluate_checkpoint(
     task_id: str | None = None,
     weight_threshold: float = 0.0,
     disable_largest: bool = False,
+    probe_episodes: int = 64,
 ) -> dict[str, Any]:
-    """:func:`evaluate` on a checkpoint, with the MoP ablation knobs."""
+    """:func:`evaluate` on a checkpoint, with the MoP ablation knobs, and the
+    :func:`grounding_probe` on ``probe_episodes`` bot episodes (0 skips it)."""
     actor, config = load_actor(checkpoint)
     cores = [m for m in actor.modules() if isinstance(m, MoPModule)]
     if (weight_threshold or disable_largest) and not cores:
@@ -132,6 +153,9 @@ def evaluate_checkpoint(
     for core in cores:
         core.set_inference_knobs(weight_threshold=weight_threshold, disable_largest=disable_largest)
     result = evaluate(actor, task_id or config.task_id, episodes, seed, num_envs)
+    if probe_episodes:
+        probe = bot_episodes(task_id or config.task_id, probe_episodes, seed)
+        result.update(grounding_probe(actor, probe))
     result.update(
         {
             "checkpoint": str(checkpoint),
@@ -141,3 +165,64 @@ def evaluate_checkpoint(
         }
     )
     return result
+
+
+@torch.no_grad()
+def bot_episodes(task_id: str, episodes: int = 64, seed: int = 0) -> TensorDictBase:
+    """``episodes`` held-out episodes driven by the bot, one per row: ``[episodes, max_steps]``.
+
+    ``"mask"`` is ``True`` on each row's first episode (steps after it ends are padding);
+    ``expert_action`` holds the bot's labels, ``is_init`` is ``True`` at ``t = 0``. Levels whose
+    ``max_steps`` varies by mission (BossLevel) are cut at the first episode's.
+
+    Examples:
+        >>> data = bot_episodes("GoToRedBall", episodes=2)
+        >>> data.shape[0], bool(data["mask"][:, 0].all()), bool(data["is_init"][:, 0].all())
+        (2, True, True)
+    """
+    if episodes < 1:
+        raise ValueError(f"episodes must be >= 1, got {episodes}")
+    level = resolve_level(task_id)
+    sizer = gym.make(level).unwrapped
+    sizer.reset(seed=seed)  # levels set max_steps when they generate a mission
+    max_steps = sizer.max_steps
+    env = make_babyai_env(
+        level, num_envs=episodes, seed=seed + PROBE_SEED_OFFSET, expert=True, parallel=False
+    )
+    try:
+        data = env.rollout(max_steps, BotActor(seed), break_when_any_done=False)
+    finally:
+        env.close()
+    done = data["next", "done"].squeeze(-1).long()
+    data["mask"] = (done.cumsum(-1) - done) == 0
+    return data
+
+
+@torch.no_grad()
+def grounding_probe(actor: nn.Module, episodes: TensorDictBase) -> dict[str, float]:
+    """Label accuracy of the greedy ``actor`` on :func:`bot_episodes`, true vs shuffled missions.
+
+    The actor replays each episode in recurrent mode from a zero state; its greedy ``action`` is
+    compared with the bot's label on every valid step. In the shuffled run, episode ``i`` carries
+    episode ``i - 1``'s mission. A policy that reads the mission loses accuracy there
+    (``grounding_gap`` > 0); one that ignores it does not.
+
+    Examples:
+        >>> from mop_torchrl.policies import make_policy
+        >>> actor, _ = make_policy("gru")
+        >>> probe = grounding_probe(actor.eval(), bot_episodes("GoToRedBall", episodes=2))
+        >>> sorted(probe)
+        ['grounding_gap', 'label_accuracy', 'label_accuracy_shuffled']
+    """
+    data = episodes.select("image", "direction", "carrying", "mission", "is_init")
+    shuffled = data.clone()
+    shuffled["mission"] = data["mission"][:, :1].roll(1, 0).expand_as(data["mission"]).clone()
+    labels = episodes["expert_action"]
+    valid = episodes["mask"] & (labels >= 0)
+    accuracy = {}
+    for name, inputs in (("label_accuracy", data), ("label_accuracy_shuffled", shuffled)):
+        with set_recurrent_mode(True), set_interaction_type(InteractionType.DETERMINISTIC):
+            actions = actor(inputs.copy())["action"]
+        accuracy[name] = (actions == labels)[valid].float().mean().item()
+    accuracy["grounding_gap"] = accuracy["label_accuracy"] - accuracy["label_accuracy_shuffled"]
+    return accuracy

@@ -1,12 +1,17 @@
-"""Online imitation of the BabyAI bot (DAgger-style), the BabyAI integration's loop.
+"""Online imitation of the BabyAI bot: DAgger with an aggregated dataset.
 
 Each update: a TorchRL ``Collector`` steps ``num_envs`` envs for ``unroll_len`` steps with the
-student acting (greedy by default); the bot in each env worker labels every step with
-``expert_action``. The loss is the cross-entropy to those labels (``-1``, a bot failure, is
-ignored) recomputed in recurrent mode from the stored hidden states (truncated BPTT), plus the
-routing cost for MoP.
+student acting (greedy by default; with probability β the bot acts instead, DAgger's mixing);
+the bot in each env worker labels every step with ``expert_action``. The batch joins the DAgger
+dataset (:class:`~mop_torchrl.train.dagger.DaggerDataset`, a TorchRL replay buffer of the last
+``buffer_frames`` frames, saved with every checkpoint), and ``updates_per_batch`` optimizer
+updates follow, each on slices sampled from it: cross-entropy to the labels (``-1``, a bot
+failure or a burn-in step, is ignored) recomputed in recurrent mode from the hidden states
+stored at collection time (truncated BPTT), plus the routing cost for MoP.
 
-Data comes from :func:`~mop_torchrl.train.collection.segment_batches`.
+Why replay: with one update per fresh batch, consecutive batches continue the same episodes
+and the policy never learns to read the mission (GoToLocal held-out label accuracy 0.651 with
+true vs 0.656 with shuffled missions); aggregating the rollouts, as DAgger prescribes, fixes it.
 """
 
 from __future__ import annotations
@@ -17,12 +22,14 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from tensordict import TensorDictBase
+from tensordict.nn import TensorDictSequential
 from torch import nn
 from torchrl.modules import set_recurrent_mode
 
 from mop_torchrl.model import routing_cost_loss
 from mop_torchrl.train.collection import segment_batches
 from mop_torchrl.train.config import TrainConfig
+from mop_torchrl.train.dagger import BotMixer, DaggerDataset, dagger_beta
 from mop_torchrl.train.run import EpisodeStats, Run, build_policy, check_finite
 
 __all__ = ["imitation_loss", "imitation_step", "start_imitation", "train_imitation"]
@@ -105,8 +112,25 @@ def start_imitation(
 
 
 def train_imitation(config: TrainConfig, resume: bool = False) -> Path:
-    """Runs (or resumes) online imitation; returns the run directory."""
+    """Runs (or resumes) online imitation (DAgger); returns the run directory."""
     run, actor, optimizer, modules = start_imitation(config, resume)
-    batches = segment_batches(actor, config, run.start_update, expert=True)
-    run.fit(batches, imitation_step(actor, optimizer, config), modules, optimizer, EpisodeStats())
+    dataset = DaggerDataset(
+        actor.in_keys, config.buffer_frames, config.slice_len, config.burn_in, config.batch_slices
+    )
+    run.track("dagger", dataset)
+    mixer = BotMixer(dagger_beta(config.dagger_beta, config.dagger_beta_updates, run.start_update))
+    policy = TensorDictSequential(actor, mixer) if config.dagger_beta > 0 else actor
+    update_on = imitation_step(actor, optimizer, config)
+
+    def train_step(data: TensorDictBase, update: int) -> dict[str, float]:
+        dataset.extend(data)
+        steps = [update_on(dataset.sample(), update) for _ in range(config.updates_per_batch)]
+        mixer.beta = dagger_beta(config.dagger_beta, config.dagger_beta_updates, update + 1)
+        metrics = {key: sum(m[key] for m in steps) / len(steps) for key in steps[0]}
+        metrics["train/dagger_beta"] = mixer.beta
+        metrics["train/dataset_frames"] = len(dataset)
+        return metrics
+
+    batches = segment_batches(policy, config, run.start_update, expert=True)
+    run.fit(batches, train_step, modules, optimizer, EpisodeStats())
     return run.dir

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import shutil
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -118,10 +119,12 @@ class Run:
             )
         self.dir.mkdir(parents=True, exist_ok=True)
         (self.dir / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
-        self.logger = _make_logger(config.logger, self.dir)
+        self.logger = make_logger(config.logger, self.dir)
         self.start_update = 0
         self.frames = 0
         self.extra: dict[str, Any] = {}
+        self.buffers: dict[str, Any] = {}
+        self._saved_buffers: dict[str, str] = {}
         self._bar: tqdm | None = None
 
     # -------------------------------------------------------------- checkpoints
@@ -148,12 +151,41 @@ class Run:
         self.start_update = payload["update"]
         self.frames = payload.get("frames", 0)
         self.extra = payload.get("extra", {})
+        self._saved_buffers = payload.get("buffers", {})
+
+    def track(self, name: str, buffer: Any) -> None:
+        """Saves ``buffer`` (anything with TorchRL's ``dumps``/``loads``) with every checkpoint.
+
+        On resume it is restored right away from the dump its checkpoint names. Each
+        checkpoint names its own dump directory, written before the checkpoint: a run killed
+        in between keeps the previous, consistent pair.
+        """
+        self.buffers[name] = buffer
+        if name in self._saved_buffers:
+            path = self.dir / self._saved_buffers[name]
+            if not path.is_dir():
+                raise CheckpointError(
+                    f"checkpoint {str(self.checkpoint_path)!r} names the {name} buffer "
+                    f"{str(path)!r}, which is missing"
+                )
+            buffer.loads(path)
+        elif self.start_update > 0:
+            raise CheckpointError(
+                f"checkpoint {str(self.checkpoint_path)!r} holds no {name} buffer to resume"
+            )
 
     def save(
         self, update: int, modules: dict[str, nn.Module], optimizer: torch.optim.Optimizer
     ) -> Path:
-        """Writes the checkpoint after ``update`` updates (atomically)."""
-        return save_checkpoint(
+        """Writes the tracked buffers, then the checkpoint after ``update`` updates (atomically)."""
+        saved = {name: f"buffers/{name}-{update:08d}" for name in self.buffers}
+        for name, buffer in self.buffers.items():
+            path = self.dir / saved[name]
+            if path.exists():
+                shutil.rmtree(path)
+            path.parent.mkdir(exist_ok=True)
+            buffer.dumps(path)
+        path = save_checkpoint(
             self.checkpoint_path,
             {
                 "config": self.config.to_dict(),
@@ -163,8 +195,13 @@ class Run:
                 "frames": self.frames,
                 "rng": rng_state(),
                 "extra": self.extra,
+                "buffers": saved,
             },
         )
+        for stale in (self.dir / "buffers").glob("*") if saved else ():
+            if str(stale.relative_to(self.dir)) not in saved.values():
+                shutil.rmtree(stale)
+        return path
 
     # -------------------------------------------------------------- progress and logs
     def progress(self, total: int) -> tqdm:
@@ -258,7 +295,8 @@ def load_modules(payload: dict[str, Any], modules: dict[str, nn.Module], path: P
             ) from err
 
 
-def _make_logger(kind: str, run_dir: Path):
+def make_logger(kind: str, run_dir: Path):
+    """The run's TorchRL logger (``<run_dir>/logs``)."""
     if kind == "tensorboard":
         from torchrl.record.loggers import TensorboardLogger
 
