@@ -4,6 +4,11 @@ Usage (each run writes runs/<name>/ and its eval.json; the table goes to stdout 
 
     python benchmarks/learning.py configs/go_to_red_ball_mop.yaml configs/go_to_red_ball_gru.yaml
     python benchmarks/learning.py --collect runs/*        # only tabulate finished runs
+    python benchmarks/learning.py --collect runs/* --curves docs/figures/learning_curves.png
+
+The final evaluation includes the grounding probe (label accuracy on held-out bot episodes
+with true vs shuffled missions). ``--curves`` plots the held-out success logged every
+``eval_interval`` updates (``eval/success_rate``) against frames, one panel per level.
 
 Options after the configs override every run (``--num_updates 300``). A run directory that
 already holds a checkpoint is resumed, so the script can be re-run after an interruption.
@@ -16,6 +21,7 @@ import json
 from pathlib import Path
 
 import torch
+import yaml
 
 from mop_torchrl.train import load_config, train
 from mop_torchrl.train.checkpoint import load_checkpoint
@@ -47,18 +53,70 @@ def row(run_dir: Path) -> dict:
         "mean_return": result["mean_return"],
         "path_ratio": result["path_ratio"],
         "routing_cost": result["routing_cost"],
+        "label_accuracy": result.get("label_accuracy"),
+        "label_accuracy_shuffled": result.get("label_accuracy_shuffled"),
         "eval_episodes": result["episodes"],
+        "seed": config["seed"],
+        "frames_per_update": config["num_envs"] * config["unroll_len"],
+        "run_dir": str(run_dir),
     }
 
 
+def curves(rows: list[dict], out: Path) -> None:
+    """Held-out success vs frames (``eval/success_rate`` in each run's CSV logs), per level."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    levels = list(
+        dict.fromkeys(r["level"].removeprefix("BabyAI-").removesuffix("-v0") for r in rows)
+    )
+    fig, axes = plt.subplots(1, len(levels), figsize=(4 * len(levels), 3.4), squeeze=False)
+    colors = {"mop": "tab:blue", "gru": "tab:orange"}
+    for r in rows:
+        csv = Path(r["run_dir"]) / "logs" / "scalars" / "eval" / "success_rate.csv"
+        if not csv.exists():
+            continue
+        steps, values = zip(*(map(float, line.split(",")) for line in csv.read_text().split()))
+        level = r["level"].removeprefix("BabyAI-").removesuffix("-v0")
+        ax = axes[0][levels.index(level)]
+        frames = [s * r["frames_per_update"] / 1000 for s in steps]
+        label = f"{'MoP' if r['policy'] == 'mop' else 'GRU(512)'} s{r['seed']}"
+        ax.plot(
+            frames,
+            values,
+            color=colors[r["policy"]],
+            alpha=1.0 - 0.35 * r["seed"],
+            marker=".",
+            label=label,
+        )
+        ax.set_title(level)
+        ax.set_xlabel("frames (k)")
+        ax.set_ylim(0, 1.02)
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("held-out success")
+    for ax in axes[0]:
+        ax.legend(fontsize=8, loc="lower right")
+    fig.suptitle("Online imitation (DAgger with replay): held-out success during training")
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+
+
 def markdown(rows: list[dict]) -> str:
-    head = "| level | algo | policy | frames | train wall (min) | success (500 eps) | return | path ratio |"
-    lines = [head, "|" + "---|" * 8]
+    head = (
+        "| level | algo | policy | seed | frames | train wall (min) | success | return | "
+        "path ratio | label acc. true / shuffled | routing cost |"
+    )
+    lines = [head, "|" + "---|" * 11]
+    fmt = lambda v, spec: "–" if v is None else format(v, spec)  # noqa: E731
     for r in rows:
         lines.append(
-            f"| {r['level']} | {r['algo']} | {r['policy']} | {r['frames']:,} | "
+            f"| {r['level']} | {r['algo']} | {r['policy']} | {r['seed']} | {r['frames']:,} | "
             f"{r['train_wall_min']:.1f} | {r['success_rate']:.3f} | {r['mean_return']:.3f} | "
-            f"{r['path_ratio']:.2f} |"
+            f"{fmt(r['path_ratio'], '.2f')} | {fmt(r['label_accuracy'], '.2f')} / "
+            f"{fmt(r['label_accuracy_shuffled'], '.2f')} | {fmt(r['routing_cost'], '.3f')} |"
         )
     return "\n".join(lines)
 
@@ -71,9 +129,19 @@ def main() -> None:
     parser.add_argument("--out", default="bench_results/learning.json")
     parser.add_argument("--num_updates", type=int)
     parser.add_argument("--run_dir")
+    parser.add_argument("--seed", type=int)
+    parser.add_argument(
+        "--set", nargs="*", default=[], metavar="KEY=VALUE", help="other config overrides"
+    )
+    parser.add_argument("--curves", help="write the learning-curve figure (PNG) here")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    overrides = {k: v for k in ("num_updates", "run_dir") if (v := getattr(args, k)) is not None}
+    overrides = {
+        k: v for k in ("num_updates", "run_dir", "seed") if (v := getattr(args, k)) is not None
+    }
+    for item in args.set:
+        key, _, value = item.partition("=")
+        overrides[key] = yaml.safe_load(value)
     if args.collect:
         rows = [row(Path(p)) for p in args.configs if (Path(p) / "eval.json").exists()]
     else:
@@ -81,6 +149,8 @@ def main() -> None:
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(rows, indent=2))
     print(markdown(rows))
+    if args.curves:
+        curves(rows, Path(args.curves))
 
 
 if __name__ == "__main__":

@@ -39,6 +39,7 @@ import difflib
 import functools
 import io
 import re
+from collections.abc import Iterator
 from typing import Any
 
 import gymnasium as gym
@@ -72,6 +73,7 @@ from mop_torchrl.tokenizer import MissionTokenizer
 __all__ = [
     "BabyAIObservation",
     "babyai_levels",
+    "keep_num_threads",
     "make_babyai_env",
     "make_babyai_gym_env",
     "resolve_level",
@@ -79,6 +81,22 @@ __all__ = [
 ]
 
 NUM_ACTIONS = 7  # minigrid Actions: left, right, forward, pickup, drop, toggle, done
+
+
+@contextlib.contextmanager
+def keep_num_threads() -> Iterator[None]:
+    """Restores torch's intra-op thread count on exit.
+
+    Closing a batched env raises it (torchrl 0.14): a training loop that evaluates or
+    re-creates its collector would otherwise continue with more threads than it asked for,
+    which changes the rounding of its updates and, with OpenMP spin-waiting on a busy machine,
+    made them several times slower.
+    """
+    threads = torch.get_num_threads()
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def babyai_levels() -> list[str]:

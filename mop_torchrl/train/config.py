@@ -138,6 +138,11 @@ class TrainConfig:
     """Updates between checkpoints (one is also written at the end)."""
     eval_episodes: int = 100
     """Episodes of greedy evaluation at the end of the run (0 skips it)."""
+    eval_interval: int = 0
+    """Updates between held-out evaluations during training, logged as eval/* (success and the
+    grounding probe); 0: only the final evaluation."""
+    eval_interval_episodes: int = 50
+    """Episodes of each evaluation during training (and bot episodes of its grounding probe)."""
     logger: Literal["csv", "tensorboard"] = "csv"
     """TorchRL logger for the scalars."""
 
@@ -182,6 +187,11 @@ class TrainConfig:
                 )
             if self.dagger_beta > 0 and self.backend != "inprocess":
                 raise ValueError("config key 'dagger_beta' > 0 needs backend 'inprocess'")
+        if self.eval_interval < 0 or self.eval_interval_episodes <= 0:
+            raise ValueError(
+                f"config keys 'eval_interval' ({self.eval_interval}) must be >= 0 and "
+                f"'eval_interval_episodes' ({self.eval_interval_episodes}) > 0"
+            )
         if self.eval_episodes < 0:
             raise ValueError(f"config key 'eval_episodes' must be >= 0, got {self.eval_episodes}")
         if self.algo == "bc" and not self.demos:

@@ -21,7 +21,7 @@ from torchrl.collectors import Collector
 from torchrl.modules import set_recurrent_mode
 
 from mop_torchrl.demos import BotActor
-from mop_torchrl.envs import make_babyai_env, resolve_level
+from mop_torchrl.envs import keep_num_threads, make_babyai_env, resolve_level
 from mop_torchrl.module import MoPModule
 from mop_torchrl.train.checkpoint import load_checkpoint
 from mop_torchrl.train.config import TrainConfig
@@ -116,7 +116,8 @@ def evaluate(
             if all(len(f) >= per_env for f in finished):
                 break
     finally:
-        collector.shutdown()
+        with keep_num_threads():
+            collector.shutdown()
     kept = [e for env_episodes in finished for e in env_episodes[:per_env]][:episodes]
     solved = [e for e in kept if e["success"] and e["bot_length"] > 0]
     mean = lambda values: sum(values) / max(len(values), 1)  # noqa: E731
@@ -192,7 +193,8 @@ def bot_episodes(task_id: str, episodes: int = 64, seed: int = 0) -> TensorDictB
     try:
         data = env.rollout(max_steps, BotActor(seed), break_when_any_done=False)
     finally:
-        env.close()
+        with keep_num_threads():
+            env.close()
     done = data["next", "done"].squeeze(-1).long()
     data["mask"] = (done.cumsum(-1) - done) == 0
     return data

@@ -33,6 +33,8 @@ RESUMABLE_CHANGES = {
     "num_updates",
     "log_interval",
     "eval_episodes",
+    "eval_interval",
+    "eval_interval_episodes",
     "logger",
     "run_dir",
     "run_name",
@@ -126,6 +128,7 @@ class Run:
         self.buffers: dict[str, Any] = {}
         self._saved_buffers: dict[str, str] = {}
         self._bar: tqdm | None = None
+        self._probe: TensorDictBase | None = None
 
     # -------------------------------------------------------------- checkpoints
     def restore(self, modules: dict[str, nn.Module], optimizer: torch.optim.Optimizer) -> None:
@@ -203,6 +206,26 @@ class Run:
                 shutil.rmtree(stale)
         return path
 
+    def held_out(self, actor: nn.Module) -> dict[str, float]:
+        """``eval/*`` metrics: greedy success on ``eval_interval_episodes`` held-out episodes and
+        the grounding probe on as many bot episodes. The RNG states are restored afterwards, so
+        evaluating does not change the training run."""
+        from mop_torchrl.train.evaluate import bot_episodes, evaluate, grounding_probe
+
+        config, state, start = self.config, rng_state(), time.perf_counter()
+        try:
+            if self._probe is None:
+                self._probe = bot_episodes(
+                    config.task_id, config.eval_interval_episodes, config.seed
+                )
+            result = evaluate(actor, config.task_id, config.eval_interval_episodes, config.seed)
+            result.update(grounding_probe(actor, self._probe))
+        finally:
+            set_rng_state(state)
+        metrics = {f"eval/{key}": value for key, value in result.items() if key in _EVAL_KEYS}
+        metrics["perf/eval_s"] = time.perf_counter() - start
+        return metrics
+
     # -------------------------------------------------------------- progress and logs
     def progress(self, total: int) -> tqdm:
         self._bar = tqdm(
@@ -256,12 +279,24 @@ class Run:
                         }
                     )
                     self.log(done, metrics)
+                if config.eval_interval and done % config.eval_interval == 0:
+                    self.log(done, self.held_out(modules["actor"]))
                 if done % config.checkpoint_interval == 0 or done == config.num_updates:
                     self.save(done, modules, optimizer)
                 tick = time.perf_counter()
         finally:
             bar.close()
 
+
+_EVAL_KEYS = {
+    "success_rate",
+    "mean_return",
+    "path_ratio",
+    "routing_cost",
+    "label_accuracy",
+    "label_accuracy_shuffled",
+    "grounding_gap",
+}
 
 _BAR_KEYS = {
     "train/loss",
