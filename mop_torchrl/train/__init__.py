@@ -13,8 +13,12 @@ from mop_torchrl.train.config import TrainConfig, load_config
 __all__ = ["TrainConfig", "load_config", "resume", "resume_config", "train"]
 
 
-def train(config: TrainConfig, resume: bool = False) -> Path:
+def train(config: TrainConfig, resume: bool = False, overwrite: bool = False) -> Path:
     """Runs the loop ``config.algo`` names; returns the run directory.
+
+    ``resume=True`` continues the run directory's checkpoint (or starts it if there is none);
+    ``overwrite=True`` deletes an existing run of the same name first. Everything is checked
+    before the disk is touched (:func:`~mop_torchrl.train.run.validate_start`).
 
     Examples:
         >>> config = TrainConfig(num_envs=2, unroll_len=4, num_updates=1, eval_episodes=0,
@@ -24,6 +28,12 @@ def train(config: TrainConfig, resume: bool = False) -> Path:
         True
     """
     torch.set_num_threads(config.torch_threads)
+    if overwrite:
+        from mop_torchrl.train.run import remove_run, validate_start
+
+        validate_start(config, resume, overwrite=True)
+        if Path(config.run_dir, config.name).exists():
+            remove_run(config)
     if config.algo == "imitation":
         from mop_torchrl.train.imitation import train_imitation as loop
     elif config.algo == "bc":

@@ -13,7 +13,7 @@ from torchrl.collectors import Collector
 
 from mop_torchrl.envs import make_babyai_env
 from mop_torchrl.module import MoPModule
-from mop_torchrl.train.checkpoint import load_checkpoint
+from mop_torchrl.train.checkpoint import CheckpointError, load_checkpoint
 from mop_torchrl.train.config import TrainConfig
 from mop_torchrl.train.run import build_policy, load_modules
 
@@ -46,7 +46,8 @@ def evaluate(
     Each env contributes its first ``episodes / num_envs`` episodes (rounded up, then the first
     ``episodes`` kept in env order), so short episodes are not over-counted. Metrics: success
     rate, mean return and length, path ratio (agent steps over the bot's steps from the same
-    start, successful episodes), mean routing cost per step (MoP), bot plan failures.
+    start, successful episodes; ``None`` when none succeeded), mean routing cost per step
+    (MoP), bot plan failures.
 
     Examples:
         >>> from mop_torchrl.policies import make_policy
@@ -55,7 +56,9 @@ def evaluate(
         >>> sorted(result)[:3]
         ['bot_failures', 'episodes', 'frames']
     """
-    num_envs = max(1, min(num_envs, episodes))
+    if episodes < 1 or num_envs < 1:
+        raise ValueError(f"episodes and num_envs must be >= 1, got {episodes}, {num_envs}")
+    num_envs = min(num_envs, episodes)
     per_env = -(-episodes // num_envs)
     env = make_babyai_env(
         task_id,
@@ -107,7 +110,7 @@ def evaluate(
         "success_rate": mean([e["success"] for e in kept]),
         "mean_return": mean([e["return"] for e in kept]),
         "mean_length": mean([e["length"] for e in kept]),
-        "path_ratio": mean([e["length"] / e["bot_length"] for e in solved]),
+        "path_ratio": mean([e["length"] / e["bot_length"] for e in solved]) if solved else None,
         "routing_cost": mean(costs) if costs else None,
         "bot_failures": sum(e["bot_failures"] for e in kept),
         "frames": frames,
@@ -128,7 +131,10 @@ def evaluate_checkpoint(
     actor, config = load_actor(checkpoint)
     cores = [m for m in actor.modules() if isinstance(m, MoPModule)]
     if (weight_threshold or disable_largest) and not cores:
-        raise ValueError("--threshold/--disable-largest apply to MoP policies only")
+        raise CheckpointError(
+            f"checkpoint {str(checkpoint)!r} holds a {config.policy!r} policy: "
+            "--threshold/--disable-largest apply to MoP policies only"
+        )
     for core in cores:
         core.set_inference_knobs(weight_threshold=weight_threshold, disable_largest=disable_largest)
     result = evaluate(actor, task_id or config.task_id, episodes, seed, num_envs)
