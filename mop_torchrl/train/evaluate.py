@@ -47,7 +47,7 @@ def evaluate(
     ``episodes`` kept in env order), so short episodes are not over-counted. Metrics: success
     rate, mean return and length, path ratio (agent steps over the bot's steps from the same
     start, successful episodes; ``None`` when none succeeded), mean routing cost per step
-    (MoP), bot plan failures.
+    (MoP), bot plan failures (exhausted budget) and other bot exceptions (``bot_errors``).
 
     Examples:
         >>> from mop_torchrl.policies import make_policy
@@ -95,6 +95,7 @@ def evaluate(
                             "length": step["step_count"].item(),
                             "bot_length": step["bot_solution_length"].item(),
                             "bot_failures": step["bot_failures"].item(),
+                            "bot_errors": step["bot_errors"].item(),
                         }
                     )
             if all(len(f) >= per_env for f in finished):
@@ -113,6 +114,7 @@ def evaluate(
         "path_ratio": mean([e["length"] / e["bot_length"] for e in solved]) if solved else None,
         "routing_cost": mean(costs) if costs else None,
         "bot_failures": sum(e["bot_failures"] for e in kept),
+        "bot_errors": sum(e["bot_errors"] for e in kept),
         "frames": frames,
         "wall_s": time.perf_counter() - start,
     }

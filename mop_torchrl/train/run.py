@@ -95,6 +95,7 @@ class EpisodeStats:
                 "step_count",
                 "bot_solution_length",
                 "bot_failures",
+                "bot_errors",
             )
             if key in nxt
         }
@@ -105,8 +106,9 @@ class EpisodeStats:
         }
         if "bot_solution_length" in flat:
             rows["path_ratio"] = flat["step_count"] / flat["bot_solution_length"].clamp(min=1)
-        if "bot_failures" in flat:
-            rows["bot_failures"] = flat["bot_failures"]
+        for key in ("bot_failures", "bot_errors"):
+            if key in flat:
+                rows[key] = flat[key]
         values = {k: v[done].tolist() for k, v in rows.items()}
         for i in range(int(done.sum())):
             self.episodes.append({k: v[i] for k, v in values.items()})
