@@ -1,4 +1,9 @@
-"""The ``mop-torchrl`` command line: ``train``, ``eval``, ``demos``, ``bench``, ``routes``."""
+"""The ``mop-torchrl`` command line: ``train``, ``eval``, ``demos``, ``bench``, ``routes``.
+
+Errors a user can cause (bad config or flags, unusable files or directories, a run that cannot
+start) print one line on stderr and exit non-zero (2 for usage and config errors, 1 for the
+others, 130 after Ctrl-C); anything else is a bug and keeps its traceback.
+"""
 
 from __future__ import annotations
 
@@ -6,31 +11,48 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
+from typing import NoReturn
 
 __all__ = ["main"]
+
+USAGE_ERROR = 2
+INTERRUPTED = 130
+
+
+def _fail(command: str, err: object, code: int = 1) -> NoReturn:
+    message = " ".join(str(err).split()) or type(err).__name__
+    print(f"mop-torchrl {command}: {message}", file=sys.stderr)
+    sys.exit(code)
 
 
 def _train(args: argparse.Namespace) -> None:
     from mop_torchrl.train import load_config, resume_config, train
 
-    overrides = {
-        k: v for k, v in vars(args).items() if k not in ("command", "config", "resume", "func")
-    }
+    skip = ("command", "config", "resume", "overwrite", "func")
+    overrides = {k: v for k, v in vars(args).items() if k not in skip}
     try:
         if args.resume and args.config:
             raise ValueError("--resume uses the run's saved config: drop --config")
+        if args.resume and args.overwrite:
+            raise ValueError("--resume and --overwrite exclude each other")
         if args.resume:
             config = resume_config(args.resume, overrides)
         else:
             config = load_config(args.config, overrides)
     except (ValueError, FileNotFoundError) as err:
-        raise SystemExit(f"mop-torchrl train: {err}") from None
-    train(config, resume=bool(args.resume))
+        _fail("train", err, USAGE_ERROR)
+    train(config, resume=bool(args.resume), overwrite=args.overwrite)
 
 
 def _eval(args: argparse.Namespace) -> None:
+    from mop_torchrl.envs import resolve_level
     from mop_torchrl.train.evaluate import evaluate_checkpoint
 
+    if args.task_id is not None:
+        try:
+            resolve_level(args.task_id)
+        except ValueError as err:
+            _fail("eval", err, USAGE_ERROR)
     result = evaluate_checkpoint(
         args.checkpoint,
         episodes=args.episodes,
@@ -61,7 +83,7 @@ def _demos(args: argparse.Namespace) -> None:
             progress=not args.quiet,
         )
     except (DemoError, ValueError) as err:
-        raise SystemExit(f"mop-torchrl demos: {err}") from None
+        _fail("demos", err, USAGE_ERROR if not isinstance(err, DemoError) else 1)
     print(
         f"wrote {summary['episodes']} episodes ({summary['frames']} frames) of {summary['level']} "
         f"in {summary['seconds']:.1f} s: {summary['steps_per_s']:.0f} steps/s, "
@@ -75,11 +97,34 @@ def _demos(args: argparse.Namespace) -> None:
 
 def _floats(text: str) -> tuple[float, ...]:
     try:
-        return tuple(float(v) for v in text.split(",") if v.strip())
+        values = tuple(float(v) for v in text.split(",") if v.strip())
     except ValueError:
+        values = ()
+    if not values or not all(0.0 <= v < 1.0 for v in values):
         raise argparse.ArgumentTypeError(
-            f"expected comma-separated numbers, got {text!r}"
-        ) from None
+            f"expected comma-separated numbers in [0, 1), got {text!r}"
+        )
+    return values
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
+    return value
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {text!r}")
+    return value
 
 
 def _routes(args: argparse.Namespace) -> None:
@@ -87,15 +132,17 @@ def _routes(args: argparse.Namespace) -> None:
 
     from mop_torchrl.analysis import plot_all, summarise, write_summary
     from mop_torchrl.analysis.record import mop_cores, record_routes, sweep_ablation
+    from mop_torchrl.envs import resolve_level
     from mop_torchrl.train.evaluate import load_actor
 
     actor, config = load_actor(args.checkpoint)
     try:
         layers = [list(block) for block in mop_cores(actor)[0].config.layers]
+        level = resolve_level(args.level or config.task_id)
     except ValueError as err:
-        raise SystemExit(f"mop-torchrl routes: {err}") from None
-    level = args.level or config.task_id
+        _fail("routes", err, USAGE_ERROR)
     out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)  # an unwritable --out fails here, before any work
     routes, episodes = record_routes(
         actor,
         level,
@@ -147,14 +194,17 @@ def build_parser() -> argparse.ArgumentParser:
     train = commands.add_parser("train", help="train a policy (imitation, bc or ppo)")
     train.add_argument("--config", help="YAML config file (configs/*.yaml)")
     train.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its checkpoint")
+    train.add_argument(
+        "--overwrite", action="store_true", help="delete an existing run of the same name first"
+    )
     add_config_arguments(train)
     train.set_defaults(func=_train)
 
     evaluate = commands.add_parser("eval", help="evaluate a checkpoint on held-out episodes")
     evaluate.add_argument("--checkpoint", required=True, help="checkpoint.pt or its run dir")
-    evaluate.add_argument("--episodes", type=int, default=100)
+    evaluate.add_argument("--episodes", type=_positive_int, default=100)
     evaluate.add_argument("--seed", type=int, default=0)
-    evaluate.add_argument("--num_envs", type=int, default=8)
+    evaluate.add_argument("--num_envs", type=_positive_int, default=8)
     evaluate.add_argument(
         "--probe_episodes",
         type=int,
@@ -163,7 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
         "shuffled missions); 0 skips it",
     )
     evaluate.add_argument("--task_id", default=None, help="level (default: the training one)")
-    evaluate.add_argument("--threshold", type=float, default=0.0, help="MoP weight threshold τ")
+    evaluate.add_argument("--threshold", type=_fraction, default=0.0, help="MoP weight threshold τ")
     evaluate.add_argument("--disable-largest", action="store_true", help="MoP: no largest expert")
     evaluate.add_argument("--json", action="store_true", help="print one JSON object")
     evaluate.set_defaults(func=_eval)
@@ -172,9 +222,9 @@ def build_parser() -> argparse.ArgumentParser:
         "demos", help="generate BabyAI bot demonstrations into an on-disk replay buffer"
     )
     demos.add_argument("--level", required=True, help="BabyAI level (GoToLocal or full id)")
-    demos.add_argument("--episodes", type=int, required=True, help="episodes to add")
+    demos.add_argument("--episodes", type=_positive_int, required=True, help="episodes to add")
     demos.add_argument("--out", required=True, help="demo directory (appends if it exists)")
-    demos.add_argument("--workers", type=int, default=2, help="worker processes")
+    demos.add_argument("--workers", type=_positive_int, default=2, help="worker processes")
     demos.add_argument("--seed", type=int, default=0)
     demos.add_argument("--quiet", action="store_true", help="no progress lines")
     demos.set_defaults(func=_demos)
@@ -183,11 +233,11 @@ def build_parser() -> argparse.ArgumentParser:
         "routes", help="record a MoP policy's routing on BabyAI episodes, summarise and plot it"
     )
     routes.add_argument("--checkpoint", required=True, help="checkpoint.pt or its run dir")
-    routes.add_argument("--episodes", type=int, default=10, help="episodes to record")
+    routes.add_argument("--episodes", type=_positive_int, default=10, help="episodes to record")
     routes.add_argument("--out", required=True, help="output folder")
     routes.add_argument("--level", default=None, help="level (default: the training one)")
     routes.add_argument("--seed", type=int, default=0)
-    routes.add_argument("--threshold", type=float, default=0.0, help="MoP weight threshold τ")
+    routes.add_argument("--threshold", type=_fraction, default=0.0, help="MoP weight threshold τ")
     routes.add_argument("--disable-largest", action="store_true", help="MoP: no largest expert")
     routes.add_argument("--sweep", action="store_true", help="also run the ablation sweep")
     routes.add_argument(
@@ -197,10 +247,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="comma-separated τ values of the sweep, each with and without the largest expert",
     )
     routes.add_argument(
-        "--sweep-episodes", type=int, default=None, help="episodes per sweep setting (--episodes)"
+        "--sweep-episodes",
+        type=_positive_int,
+        default=None,
+        help="episodes per sweep setting (--episodes)",
     )
     routes.add_argument(
-        "--plot-episodes", type=int, default=3, help="episodes with their own spatial/timeline"
+        "--plot-episodes",
+        type=_positive_int,
+        default=3,
+        help="episodes with their own spatial/timeline",
     )
     routes.set_defaults(func=_routes)
     # Listed for --help; `main` hands its arguments to mop_torchrl.bench's own parser.
@@ -217,12 +273,18 @@ def main(argv: Sequence[str] | None = None) -> None:
         bench.main(argv[1:])
         return
     args = build_parser().parse_args(argv)
+    from mop_torchrl.demos import DemoError
     from mop_torchrl.train.checkpoint import CheckpointError
+    from mop_torchrl.train.run import NonFiniteLossError, RunError, RunInterrupted
 
     try:
         args.func(args)
-    except CheckpointError as err:
-        raise SystemExit(f"mop-torchrl {args.command}: {err}") from None
+    except RunInterrupted as err:
+        _fail(args.command, err, INTERRUPTED)
+    except KeyboardInterrupt:
+        _fail(args.command, "interrupted", INTERRUPTED)
+    except (CheckpointError, DemoError, RunError, NonFiniteLossError, OSError) as err:
+        _fail(args.command, err)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,10 @@ On-disk layout (``FORMAT_VERSION`` 1)::
                        ({key: {"shape", "dtype"}}), runs (seed and counts of each generate call)
     out/storage-<k>/   the LazyMemmapStorage scratch dir: a memmapped TensorDict of ``capacity``
                        rows (tensordict's meta.json + one .memmap file per key) and the
-                       storage_metadata.json written by ``LazyMemmapStorage.dumps``
+                       storage_metadata.json written by ``LazyMemmapStorage.dumps`` when
+                       the storage is allocated (its ``len`` is not used: ``demos.json`` says
+                       which rows are committed). Opening checks every file's size against
+                       ``capacity`` first: a truncated file is a ``DemoError``, never regrown.
     out/lock           flock'ed by a writer, so two writers cannot share a directory
 
 Commit protocol: episodes are kept in memory per env until they end; complete episodes are
@@ -49,6 +52,7 @@ import functools
 import json
 import math
 import os
+import queue
 import shutil
 import sys
 import time
@@ -227,8 +231,29 @@ def _check_storage(td: TensorDictBase, meta: dict[str, Any], where: Path) -> Non
         )
 
 
+def _check_files(sdir: Path, capacity: int) -> None:
+    """Every key's ``.memmap`` file exists with exactly ``capacity`` rows' bytes.
+
+    Checked before tensordict opens the files: opening a short file would silently regrow it
+    with zeros.
+    """
+    for key, (shape, dtype) in demo_keys().items():
+        file = sdir.joinpath(*key.split(".")).with_suffix(".memmap")
+        expected = capacity * math.prod(shape) * dtype.itemsize
+        if not file.is_file():
+            raise DemoError(f"cannot load the demo storage {sdir}: {file.name} is missing")
+        size = file.stat().st_size
+        if size != expected:
+            raise DemoError(
+                f"{file} has {size} bytes, but {capacity} rows of {key!r} take {expected}: "
+                "the demo storage is truncated or corrupt"
+            )
+
+
 def _load_storage_td(path: Path, meta: dict[str, Any]) -> TensorDictBase:
+    """The storage's memory-mapped rows, checked against ``demos.json`` (nothing is written)."""
     sdir = path / meta["storage"]
+    _check_files(sdir, meta["capacity"])
     try:
         td = TensorDict.load_memmap(sdir)
     except Exception as err:  # missing files, garbled tensordict metadata
@@ -485,7 +510,7 @@ def _gym_chunks(
                     try:
                         episode = q.get(timeout=1.0)
                         break
-                    except Exception:  # queue.Empty: check the worker is alive
+                    except queue.Empty:  # check the worker is alive
                         if not proc.is_alive():
                             raise RuntimeError(
                                 f"demo worker {proc.name} died (exit code {proc.exitcode})"
@@ -537,8 +562,7 @@ class _Writer:
                 raise DemoError(
                     f"{path} holds demos of {self.meta['level']}; cannot append {level}"
                 )
-            _load_storage_td(path, self.meta)  # validates before anything is written
-            self.storage = self._attach(path / self.meta["storage"], self.meta["capacity"])
+            self.rows = _load_storage_td(path, self.meta)  # validated before any write
         else:
             stray = [p.name for p in path.iterdir() if not self._ours(p)]
             if stray:
@@ -557,7 +581,7 @@ class _Writer:
                 "keys": _key_meta(),
                 "runs": [],
             }
-            self.storage = None
+            self.rows = None
         self._remove_stray_storages()
 
     @staticmethod
@@ -566,31 +590,28 @@ class _Writer:
 
     def _remove_stray_storages(self) -> None:
         for p in self.path.glob("storage-*"):
-            if p.name != self.meta["storage"] or self.storage is None:
+            if p.name != self.meta["storage"] or self.rows is None:
                 shutil.rmtree(p, ignore_errors=True)
-
-    @staticmethod
-    def _attach(sdir: Path, capacity: int) -> LazyMemmapStorage:
-        storage = LazyMemmapStorage(capacity, scratch_dir=sdir, existsok=True)
-        storage.loads(sdir)  # zero-copy: the scratch dir is the dumped location
-        return storage
 
     def _new_storage(self, capacity: int, template: TensorDictBase) -> None:
         """Copies the committed rows into a fresh storage of ``capacity`` rows and commits it."""
-        index = int(self.meta["storage"].split("-")[1]) + (self.storage is not None)
+        index = int(self.meta["storage"].split("-")[1]) + (self.rows is not None)
         name = f"storage-{index}"
         sdir = self.path / name
         shutil.rmtree(sdir, ignore_errors=True)
         storage = LazyMemmapStorage(capacity, scratch_dir=sdir, existsok=True)
         storage.set(0, template[0])  # allocates every key's memmap file
+        storage.dumps(sdir)
+        # Rows are read and written through the memory-mapped TensorDict, by index: the
+        # storage's own length counter is not what is committed (and is not reloaded right).
+        rows = TensorDict.load_memmap(sdir)
         frames = self.meta["frames"]
-        if self.storage is not None:
+        if self.rows is not None:
             for start in range(0, frames, _COPY_ROWS):
                 stop = min(start + _COPY_ROWS, frames)
-                storage.set(torch.arange(start, stop), self.storage[start:stop])
-        storage.dumps(sdir)
-        old = self.path / self.meta["storage"] if self.storage is not None else None
-        self.storage = storage
+                rows[start:stop] = self.rows[start:stop]
+        old = self.path / self.meta["storage"] if self.rows is not None else None
+        self.rows = rows
         self.commit(capacity=capacity, storage=name)
         if old is not None and old != sdir:
             shutil.rmtree(old, ignore_errors=True)
@@ -605,12 +626,12 @@ class _Writer:
         )
         rows.set("episode", ids)
         start, n = self.meta["frames"], rows.shape[0]
-        if self.storage is None or start + n > self.meta["capacity"]:
+        if self.rows is None or start + n > self.meta["capacity"]:
             want = max(
                 2 * self.meta["capacity"], math.ceil(start + n + expected_len), _MIN_CAPACITY
             )
             self._new_storage(want, rows)
-        self.storage.set(torch.arange(start, start + n), rows)
+        self.rows[start : start + n] = rows
         self.meta["runs"][-1]["episodes"] += len(episodes)
         self.meta["runs"][-1]["frames"] += n
         self.commit(frames=start + n, episodes=first + len(episodes))

@@ -20,8 +20,11 @@ Output keys (shapes per env; a batched env prepends ``[num_envs]``):
 - ``"is_init"`` bool ``(1,)``, ``"step_count"`` int64 ``(1,)``, ``"episode_reward"`` float32
   ``(1,)``: from ``InitTracker``, ``StepCounter`` and ``RewardSum``.
 - ``("next", "success")``: bool ``()``, the episode terminated with a positive reward.
-- ``("next", "bot_failures")`` (``expert=True``): int64 ``()``, bot failures so far in the
-  episode.
+- ``("next", "bot_failures")`` (``expert=True``): int64 ``()``, bot failures (exhausted
+  planning budget) so far in the episode.
+- ``("next", "bot_errors")`` (``expert=True`` or ``path_ratio=True``): int64 ``()``, other
+  exceptions of the bot so far in the episode (its labels are ``-1`` too; see
+  :class:`~mop_torchrl.expert.BotErrors`).
 - ``("next", "bot_solution_length")`` (``path_ratio=True``): int64 ``()``, the number of steps
   the bot needs from the episode's start (``-1`` if it fails); path ratio =
   ``step_count / bot_solution_length`` on successful episodes.
@@ -66,6 +69,7 @@ from torchrl.modules.utils import get_primers_from_module
 from mop_torchrl.expert import (
     DEFAULT_BOT_BUDGET,
     BabyAIExpert,
+    BotErrors,
     bot_solution_length,
 )
 from mop_torchrl.tokenizer import MissionTokenizer
@@ -168,7 +172,8 @@ class BabyAIObservation(gym.Wrapper):
     the BabyAI bot's action for this very observation, ``-1`` where the bot failed.
 
     ``info`` of every reset and step holds ``success`` (``np.bool_``), ``bot_failures``
-    (``np.int64``, this episode, with ``expert=True``) and ``bot_solution_length``
+    (``np.int64``, this episode, with ``expert=True``), ``bot_errors`` (``np.int64``, this
+    episode, with ``expert=True`` or ``path_ratio=True``) and ``bot_solution_length``
     (``np.int64``, with ``path_ratio=True``).
 
     Args:
@@ -193,7 +198,7 @@ class BabyAIObservation(gym.Wrapper):
         ((72,), dtype('uint8'), True)
         >>> obs, reward, terminated, truncated, info = env.step(2)
         >>> sorted(info)
-        ['bot_failures', 'success']
+        ['bot_errors', 'bot_failures', 'success']
     """
 
     def __init__(
@@ -215,8 +220,12 @@ class BabyAIObservation(gym.Wrapper):
         self.bot_time_limit = bot_time_limit
         self.quiet = quiet
         self._pending_seed = seed
+        self.bot_errors = BotErrors()
+        self._errors_at_reset = 0
         self._expert = (
-            BabyAIExpert(env, max_iterations=bot_budget, max_seconds=bot_time_limit)
+            BabyAIExpert(
+                env, max_iterations=bot_budget, max_seconds=bot_time_limit, errors=self.bot_errors
+            )
             if expert
             else None
         )
@@ -245,6 +254,8 @@ class BabyAIObservation(gym.Wrapper):
         keys = ["success"]
         if self.expert_enabled:
             keys.append("bot_failures")
+        if self.expert_enabled or self.path_ratio:
+            keys.append("bot_errors")
         if self.path_ratio:
             keys.append("bot_solution_length")
         return keys
@@ -272,6 +283,8 @@ class BabyAIObservation(gym.Wrapper):
         info: dict[str, Any] = {"success": np.bool_(success)}
         if self._expert is not None:
             info["bot_failures"] = np.int64(self._expert.failures)
+        if self.expert_enabled or self.path_ratio:
+            info["bot_errors"] = np.int64(self.bot_errors.total - self._errors_at_reset)
         if self.path_ratio:
             info["bot_solution_length"] = self._solution_length
         return info
@@ -288,9 +301,12 @@ class BabyAIObservation(gym.Wrapper):
         else:
             obs, info = self.env.reset(seed=seed, options=options)
         self._mission = self._encode_mission(obs["mission"])
+        self._errors_at_reset = self.bot_errors.total
         if self.path_ratio:
             self._solution_length = np.int64(
-                bot_solution_length(self.env, self.bot_budget, self.bot_time_limit)
+                bot_solution_length(
+                    self.env, self.bot_budget, self.bot_time_limit, errors=self.bot_errors
+                )
             )
         label = self._expert.reset() if self._expert is not None else None
         return self._observation(obs, label), {**info, **self._info(False)}
@@ -346,6 +362,8 @@ def _info_spec(expert: bool, path_ratio: bool) -> Composite:
     spec = {"success": Unbounded((), dtype=torch.bool)}
     if expert:
         spec["bot_failures"] = Unbounded((), dtype=torch.int64)
+    if expert or path_ratio:
+        spec["bot_errors"] = Unbounded((), dtype=torch.int64)
     if path_ratio:
         spec["bot_solution_length"] = Unbounded((), dtype=torch.int64)
     return Composite(spec, shape=())

@@ -13,14 +13,19 @@ budget is available but makes labels depend on machine load).
 
 :class:`BabyAIExpert` drives the bot through an episode: a fresh bot at every reset,
 ``replan(previous_action)`` after every step with the action actually taken. Any exception of
-the bot (budget, ``DisappearedBoxError`` when a box was opened, assertions) gives ``-1`` for
-that step and counts a failure; the next step starts from a fresh bot so labels recover.
+the bot gives ``-1`` for that step and the next step starts from a fresh bot, so labels
+recover; but only an exhausted budget counts as a bot *failure*. Any other exception
+(``DisappearedBoxError`` when a box was opened, an assertion of the bot, or a bug) is counted
+by type in :class:`BotErrors` and the first of each type is logged with its traceback, so a
+bug never hides among plan failures.
 """
 
 from __future__ import annotations
 
 import copy
+import logging
 import time
+from collections import Counter
 from typing import Any
 
 from minigrid.envs.babyai.core.verifier import AfterInstr, AndInstr, BeforeInstr
@@ -31,6 +36,7 @@ __all__ = [
     "DEFAULT_MAX_STACK",
     "BabyAIExpert",
     "BotBudgetExceeded",
+    "BotErrors",
     "BoundedBabyAIBot",
     "bot_solution_length",
 ]
@@ -47,6 +53,43 @@ DEFAULT_MAX_STACK: int = 100
 
 class BotBudgetExceeded(RuntimeError):
     """Raised inside the bot's planning loop when its budget for one ``replan`` is spent."""
+
+
+_log = logging.getLogger(__name__)
+_logged_types: set[str] = set()  # per process: the first error of each type is logged
+
+
+class BotErrors:
+    """Exceptions of the bot other than an exhausted budget, counted by type.
+
+    The first exception of each type in a process is logged (``logging`` warning, with the
+    traceback).
+
+    Examples:
+        >>> errors = BotErrors()
+        >>> errors.record(KeyError("x")); errors.record(KeyError("y"))
+        >>> dict(errors.counts), errors.total
+        ({'KeyError': 2}, 2)
+    """
+
+    def __init__(self) -> None:
+        self.counts: Counter[str] = Counter()
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+    def record(self, err: BaseException) -> None:
+        name = type(err).__name__
+        self.counts[name] += 1
+        if name not in _logged_types:
+            _logged_types.add(name)
+            _log.warning(
+                "BabyAI bot raised %s (label -1, counted in bot_errors; first of its type): %s",
+                name,
+                err,
+                exc_info=err,
+            )
 
 
 class _BudgetedStack(list):
@@ -149,15 +192,18 @@ class BabyAIExpert:
 
     Call :meth:`reset` after each env reset and :meth:`replan` after each env step with the
     action actually taken. Both return the bot's action for the env's *current* state, or
-    ``-1`` when the bot failed on it (budget exhausted or any exception); a failure is counted
-    in :attr:`failures` (this episode) and :attr:`total_failures`, the message kept in
-    :attr:`last_error`, and the next call plans with a fresh bot.
+    ``-1`` when the bot could not give one. An exhausted budget is a failure, counted in
+    :attr:`failures` (this episode) and :attr:`total_failures`; any other exception is counted
+    by type in :attr:`errors` (a :class:`BotErrors`, which logs the first of each type). The
+    message is kept in :attr:`last_error` and the next call plans with a fresh bot.
 
     Args:
         env: the BabyAI environment the labels are for (wrapped or not).
         max_iterations (int, optional): iteration budget per replan. Defaults to
             :data:`DEFAULT_BOT_BUDGET`.
         max_seconds (float, optional): time budget per replan, in seconds. Defaults to ``None``.
+        errors (BotErrors, optional): where to count exceptions (shared with
+            :func:`bot_solution_length` by the env wrapper). Defaults to a new one.
 
     Examples:
         >>> import gymnasium as gym
@@ -178,19 +224,24 @@ class BabyAIExpert:
         env: Any,
         max_iterations: int | None = DEFAULT_BOT_BUDGET,
         max_seconds: float | None = None,
+        errors: BotErrors | None = None,
     ) -> None:
         self.env = env
         self.max_iterations = max_iterations
         self.max_seconds = max_seconds
         self.failures = 0
         self.total_failures = 0
+        self.errors = errors if errors is not None else BotErrors()
         self.last_error: str | None = None
         self._bot: BoundedBabyAIBot | None = None
 
-    def _fail(self, err: BaseException) -> int:
+    def _fail(self, err: Exception) -> int:
         self._bot = None
-        self.failures += 1
-        self.total_failures += 1
+        if isinstance(err, BotBudgetExceeded):
+            self.failures += 1
+            self.total_failures += 1
+        else:
+            self.errors.record(err)
         self.last_error = f"{type(err).__name__}: {err}"
         return -1
 
@@ -221,12 +272,14 @@ def bot_solution_length(
     max_iterations: int | None = DEFAULT_BOT_BUDGET,
     max_seconds: float | None = None,
     max_steps: int | None = None,
+    errors: BotErrors | None = None,
 ) -> int:
     """Number of steps the bot needs to solve the episode from the env's current state.
 
     The env is deep-copied (its random generator included) and the bot rolled out on the
-    copy, so the env itself is untouched. Returns ``-1`` when the bot fails, hits its budget,
-    or the episode ends without success.
+    copy, so the env itself is untouched. Returns ``-1`` when the bot hits its budget, raises
+    (counted in ``errors`` by type, the first of each type logged), or the episode ends
+    without success.
 
     Args:
         env: a BabyAI env, normally right after ``reset``.
@@ -234,6 +287,8 @@ def bot_solution_length(
         max_seconds (float, optional): time budget per replan.
         max_steps (int, optional): give up after this many steps. Defaults to the env's own
             time limit.
+        errors (BotErrors, optional): where to count the bot's exceptions. Defaults to a
+            throw-away one (the first of each type is still logged).
 
     Examples:
         >>> import gymnasium as gym
@@ -256,6 +311,9 @@ def bot_solution_length(
             if truncated:
                 return -1
             action = bot.replan(action)
-    except Exception:
+    except BotBudgetExceeded:
+        return -1
+    except Exception as err:
+        (errors if errors is not None else BotErrors()).record(err)
         return -1
     return -1

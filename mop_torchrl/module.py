@@ -179,12 +179,20 @@ class MoPModule(TensorDictModuleBase):
                 f"MoPModule: {self.in_key!r} has last dim {x.shape[-1]}, but "
                 f"config.input_dim is {self.config.input_dim}"
             )
+        dtype = next(self.core.parameters()).dtype
+        if x.dtype != dtype:
+            raise TypeError(
+                f"MoPModule: {self.in_key!r} has dtype {x.dtype}, expected {dtype} (the module's "
+                "parameters)"
+            )
         x = x.reshape(n, steps, x.shape[-1])
         is_init = tensordict.get("is_init", None)
         if is_init is None:
             raise KeyError(
                 "MoPModule: 'is_init' is missing; add torchrl.envs.InitTracker() to the env"
             )
+        if is_init.dtype != torch.bool:
+            raise TypeError(f"MoPModule: 'is_init' has dtype {is_init.dtype}, expected torch.bool")
         is_init = is_init.reshape(n, steps)
         stored = self._stored_states(tensordict, x, is_init, recurrent)
 
@@ -228,6 +236,10 @@ class MoPModule(TensorDictModuleBase):
                 elif value.shape[-1] != size:
                     raise ValueError(
                         f"MoPModule: state {key} has size {value.shape[-1]}, expected {size}"
+                    )
+                elif value.dtype != x.dtype:
+                    raise TypeError(
+                        f"MoPModule: state {key} has dtype {value.dtype}, expected {x.dtype}"
                     )
                 states.append(value.reshape(n, steps, size))
             stored.append(states)

@@ -111,7 +111,6 @@ TINY = {
     "slice_len": 6,
     "burn_in": 2,
     "checkpoint_interval": 2,
-    "dropout_beta": 0.0,
 }
 
 

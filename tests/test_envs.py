@@ -149,14 +149,15 @@ def test_parallel_expert_action_matches_replayed_bot():
             labels, t_in_ep = _replay_reference(LEVEL, s, actions, td[i])
             assert td["expert_action"][i].tolist() == labels
             compared_late += sum(t > 0 for t in t_in_ep)
-            # the per-episode failure counter matches the -1 labels of the episode
+            # failures (budget) + errors (exceptions, e.g. a box opened) = the -1 labels
             fails = 0
             for t in range(steps - 1):
                 if t_in_ep[t] == 0:
                     fails = int(labels[t] == -1)
                 if not td["next", "done"][i, t]:
                     fails += labels[t + 1] == -1
-                    assert int(td["next", "bot_failures"][i, t]) == fails
+                    counted = td["next", "bot_failures"][i, t] + td["next", "bot_errors"][i, t]
+                    assert int(counted) == fails
         assert compared_late > 200
         assert td["next", "done"].any()  # episodes restarted inside the rollout
         check_env_specs(env)

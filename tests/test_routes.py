@@ -22,7 +22,7 @@ from mop_torchrl.analysis.record import record_routes, sweep_ablation
 from mop_torchrl.cli import main
 from mop_torchrl.config import MoPConfig
 from mop_torchrl.policies import make_policy
-from mop_torchrl.train.checkpoint import rng_state, save_checkpoint
+from mop_torchrl.train.checkpoint import save_checkpoint
 from mop_torchrl.train.config import TrainConfig
 from mop_torchrl.train.run import build_policy
 
@@ -168,7 +168,6 @@ def checkpoint(tmp_path_factory) -> Path:
             "optimizer": torch.optim.Adam(params.values()).state_dict(),
             "update": 0,
             "frames": 0,
-            "rng": rng_state(),
             "extra": {},
         },
     )

@@ -11,7 +11,7 @@ from mop_torchrl.train import TrainConfig, load_config, resume, train
 from mop_torchrl.train import imitation as imitation_module
 from mop_torchrl.train.checkpoint import CheckpointError, load_checkpoint
 from mop_torchrl.train.evaluate import evaluate_checkpoint
-from mop_torchrl.train.run import NonFiniteLossError
+from mop_torchrl.train.run import NonFiniteLossError, RunError
 
 TINY = {
     "num_envs": 2,
@@ -74,7 +74,7 @@ def test_corrupt_and_incompatible_checkpoints(tmp_path):
         load_checkpoint(run_dir)
     with pytest.raises(CheckpointError, match="no checkpoint"):
         load_checkpoint(tmp_path / "missing")
-    with pytest.raises(FileExistsError, match="--resume"):
+    with pytest.raises(RunError, match="--resume"):
         train(tiny(tmp_path, num_updates=1, run_name=run_dir.name))
 
 
@@ -101,7 +101,7 @@ def test_bad_config_is_rejected_naming_the_key(overrides, message):
         load_config(None, overrides)
 
 
-def test_yaml_and_cli_overrides(tmp_path):
+def test_yaml_and_cli_overrides(tmp_path, capsys):
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump({"num_envs": 4, "mop_layers": ["16,32", "32,64"], "lr": 1}))
     config = load_config(path, {"seed": 3})
@@ -112,8 +112,9 @@ def test_yaml_and_cli_overrides(tmp_path):
         3,
     )
     path.write_text("num_envs: [1, 2]\n")
-    with pytest.raises(SystemExit, match="num_envs"):
+    with pytest.raises(SystemExit) as exit_info:
         main(["train", "--config", str(path)])
+    assert exit_info.value.code == 2 and "'num_envs'" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["train", "--num_envs", "abc"])  # argparse names the flag
 
@@ -151,5 +152,5 @@ def test_ppo_from_imitation_checkpoint_and_eval_cli(tmp_path, capsys):
 
 def test_gru_baseline_trains_and_knobs_need_mop(tmp_path):
     run_dir = train(tiny(tmp_path, policy="gru", num_updates=1))
-    with pytest.raises(ValueError, match="MoP"):
+    with pytest.raises(CheckpointError, match="MoP"):
         evaluate_checkpoint(run_dir / "checkpoint.pt", episodes=1, disable_largest=True)

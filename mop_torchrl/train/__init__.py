@@ -15,8 +15,12 @@ __all__ = ["TrainConfig", "load_config", "log_eval", "resume", "resume_config", 
 GROUNDING_KEYS = ("label_accuracy", "label_accuracy_shuffled", "grounding_gap")
 
 
-def train(config: TrainConfig, resume: bool = False) -> Path:
+def train(config: TrainConfig, resume: bool = False, overwrite: bool = False) -> Path:
     """Runs the loop ``config.algo`` names; returns the run directory.
+
+    ``resume=True`` continues the run directory's checkpoint (or starts it if there is none);
+    ``overwrite=True`` deletes an existing run of the same name first. Everything is checked
+    before the disk is touched (:func:`~mop_torchrl.train.run.validate_start`).
 
     Examples:
         >>> config = TrainConfig(num_envs=2, unroll_len=4, num_updates=1, eval_episodes=0,
@@ -26,6 +30,12 @@ def train(config: TrainConfig, resume: bool = False) -> Path:
         True
     """
     torch.set_num_threads(config.torch_threads)
+    if overwrite:
+        from mop_torchrl.train.run import remove_run, validate_start
+
+        validate_start(config, resume, overwrite=True)
+        if Path(config.run_dir, config.name).exists():
+            remove_run(config)
     if config.algo == "imitation":
         from mop_torchrl.train.imitation import train_imitation as loop
     elif config.algo == "bc":
@@ -51,7 +61,7 @@ def log_eval(config: TrainConfig, run_dir: Path, result: dict[str, Any]) -> None
     logger = make_logger(config.logger, run_dir)
     for key in ("success_rate", "mean_return", "path_ratio", "routing_cost", *GROUNDING_KEYS):
         if isinstance(result.get(key), float | int):
-            logger.log_scalar(f"eval/{key}", float(result[key]), step=config.num_updates)
+            logger.log_scalar(f"final_eval/{key}", float(result[key]), step=config.num_updates)
 
 
 def resume(run_dir: str | Path, overrides: dict[str, Any] | None = None) -> Path:

@@ -13,7 +13,6 @@ from pathlib import Path
 from tensordict import TensorDictBase
 
 from mop_torchrl.demos import open_demos, sample_sequences
-from mop_torchrl.envs import resolve_level
 from mop_torchrl.train.config import TrainConfig
 from mop_torchrl.train.imitation import imitation_step, start_imitation
 
@@ -23,9 +22,7 @@ __all__ = ["train_bc"]
 def train_bc(config: TrainConfig, resume: bool = False) -> Path:
     """Runs (or resumes) behaviour cloning from ``config.demos``; returns the run directory."""
     run, actor, optimizer, modules = start_imitation(config, resume)
-    buffer, meta = open_demos(config.demos)
-    if resolve_level(meta["level"]) != resolve_level(config.task_id):
-        raise ValueError(f"demos in {config.demos!r} are for {meta['level']}, not {config.task_id}")
+    buffer, _ = open_demos(config.demos)  # checked (level included) by Run
 
     def batches() -> Iterator[tuple[int, TensorDictBase]]:
         for update in range(run.start_update, config.num_updates):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import itertools
+import math
 import types
 import typing
 from pathlib import Path
@@ -266,6 +267,8 @@ def _coerce(field: dataclasses.Field, value: Any) -> Any:
             if value in typing.get_args(option):
                 return value
         elif option is float and isinstance(value, int | float) and not isinstance(value, bool):
+            if not math.isfinite(value):
+                raise ValueError(f"config key {field.name!r} must be finite, got {value!r}")
             return float(value)
         elif (
             (option is int and isinstance(value, int) and not isinstance(value, bool))
@@ -307,7 +310,17 @@ def load_config(
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"config file {str(path)!r} does not exist")
-        loaded = yaml.safe_load(path.read_text()) or {}
+        try:
+            loaded = yaml.safe_load(path.read_text()) or {}
+        except UnicodeDecodeError:
+            raise ValueError(f"config file {str(path)!r} is not text") from None
+        except yaml.YAMLError as err:
+            mark = getattr(err, "problem_mark", None)
+            where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+            problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+            raise ValueError(
+                f"config file {str(path)!r} is not valid YAML{where}: {problem}"
+            ) from None
         if not isinstance(loaded, dict):
             raise ValueError(f"config file {str(path)!r} must hold a mapping of keys to values")
         data.update(loaded)

@@ -23,7 +23,7 @@ from torchrl.modules import set_recurrent_mode
 from mop_torchrl.demos import BotActor
 from mop_torchrl.envs import keep_num_threads, make_babyai_env, resolve_level
 from mop_torchrl.module import MoPModule
-from mop_torchrl.train.checkpoint import load_checkpoint
+from mop_torchrl.train.checkpoint import CheckpointError, load_checkpoint
 from mop_torchrl.train.config import TrainConfig
 from mop_torchrl.train.run import build_policy, load_modules
 
@@ -65,7 +65,8 @@ def evaluate(
     Each env contributes its first ``episodes / num_envs`` episodes (rounded up, then the first
     ``episodes`` kept in env order), so short episodes are not over-counted. Metrics: success
     rate, mean return and length, path ratio (agent steps over the bot's steps from the same
-    start, successful episodes), mean routing cost per step (MoP), bot plan failures.
+    start, successful episodes; ``None`` when none succeeded), mean routing cost per step
+    (MoP), bot plan failures (exhausted budget) and other bot exceptions (``bot_errors``).
 
     Examples:
         >>> from mop_torchrl.policies import make_policy
@@ -74,7 +75,9 @@ def evaluate(
         >>> sorted(result)[:3]
         ['bot_failures', 'episodes', 'frames']
     """
-    num_envs = max(1, min(num_envs, episodes))
+    if episodes < 1 or num_envs < 1:
+        raise ValueError(f"episodes and num_envs must be >= 1, got {episodes}, {num_envs}")
+    num_envs = min(num_envs, episodes)
     per_env = -(-episodes // num_envs)
     env = make_babyai_env(
         task_id,
@@ -111,6 +114,7 @@ def evaluate(
                             "length": step["step_count"].item(),
                             "bot_length": step["bot_solution_length"].item(),
                             "bot_failures": step["bot_failures"].item(),
+                            "bot_errors": step["bot_errors"].item(),
                         }
                     )
             if all(len(f) >= per_env for f in finished):
@@ -127,9 +131,10 @@ def evaluate(
         "success_rate": mean([e["success"] for e in kept]),
         "mean_return": mean([e["return"] for e in kept]),
         "mean_length": mean([e["length"] for e in kept]),
-        "path_ratio": mean([e["length"] / e["bot_length"] for e in solved]),
+        "path_ratio": mean([e["length"] / e["bot_length"] for e in solved]) if solved else None,
         "routing_cost": mean(costs) if costs else None,
         "bot_failures": sum(e["bot_failures"] for e in kept),
+        "bot_errors": sum(e["bot_errors"] for e in kept),
         "frames": frames,
         "wall_s": time.perf_counter() - start,
     }
@@ -150,7 +155,10 @@ def evaluate_checkpoint(
     actor, config = load_actor(checkpoint)
     cores = [m for m in actor.modules() if isinstance(m, MoPModule)]
     if (weight_threshold or disable_largest) and not cores:
-        raise ValueError("--threshold/--disable-largest apply to MoP policies only")
+        raise CheckpointError(
+            f"checkpoint {str(checkpoint)!r} holds a {config.policy!r} policy: "
+            "--threshold/--disable-largest apply to MoP policies only"
+        )
     for core in cores:
         core.set_inference_knobs(weight_threshold=weight_threshold, disable_largest=disable_largest)
     result = evaluate(actor, task_id or config.task_id, episodes, seed, num_envs)

@@ -34,7 +34,7 @@ def train_ppo(config: TrainConfig, resume: bool = False) -> Path:
     run = Run(config, resume)
     torch.manual_seed(config.seed)
     actor, critic = build_policy(config)
-    if config.init_checkpoint and not run.checkpoint_path.exists():
+    if config.init_checkpoint and run.start_update == 0:
         payload = load_checkpoint(config.init_checkpoint)
         load_modules(payload, {"actor": actor}, Path(config.init_checkpoint))
     loss_module = ClipPPOLoss(

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import shutil
+import signal
+import tempfile
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -20,13 +24,21 @@ from mop_torchrl.policies import make_policy
 from mop_torchrl.train.checkpoint import (
     CheckpointError,
     load_checkpoint,
-    rng_state,
+    remove_orphan_temps,
     save_checkpoint,
-    set_rng_state,
+    seed_everything,
 )
 from mop_torchrl.train.config import TrainConfig
 
-__all__ = ["EpisodeStats", "NonFiniteLossError", "Run", "build_policy"]
+__all__ = [
+    "EpisodeStats",
+    "NonFiniteLossError",
+    "Run",
+    "RunError",
+    "RunInterrupted",
+    "build_policy",
+    "validate_start",
+]
 
 CHECKPOINT = "checkpoint.pt"
 RESUMABLE_CHANGES = {
@@ -44,6 +56,14 @@ RESUMABLE_CHANGES = {
 
 class NonFiniteLossError(FloatingPointError):
     """Raised when a loss is NaN/inf; the last good checkpoint is left untouched."""
+
+
+class RunError(ValueError):
+    """A run that cannot start as asked (name taken, nothing to resume, unusable inputs)."""
+
+
+class RunInterrupted(Exception):
+    """Raised by :meth:`Run.fit` after SIGINT, once a checkpoint of the current update is saved."""
 
 
 def build_policy(config: TrainConfig) -> tuple[nn.Module, nn.Module]:
@@ -77,6 +97,7 @@ class EpisodeStats:
                 "step_count",
                 "bot_solution_length",
                 "bot_failures",
+                "bot_errors",
             )
             if key in nxt
         }
@@ -87,8 +108,9 @@ class EpisodeStats:
         }
         if "bot_solution_length" in flat:
             rows["path_ratio"] = flat["step_count"] / flat["bot_solution_length"].clamp(min=1)
-        if "bot_failures" in flat:
-            rows["bot_failures"] = flat["bot_failures"]
+        for key in ("bot_failures", "bot_errors"):
+            if key in flat:
+                rows[key] = flat[key]
         values = {k: v[done].tolist() for k, v in rows.items()}
         for i in range(int(done.sum())):
             self.episodes.append({k: v[i] for k, v in values.items()})
@@ -106,23 +128,25 @@ class EpisodeStats:
 class Run:
     """A run directory with its resolved config, logger, progress bar and checkpoints.
 
-    ``Run(config)`` starts a new run (refusing to overwrite an existing one);
-    ``Run(config, resume=True)`` continues the run in ``config.run_dir/config.name``.
+    ``Run(config)`` starts a new run, ``Run(config, resume=True)`` continues the run in
+    ``config.run_dir/config.name``. Everything is checked first (:func:`validate_start`), so a
+    run that cannot start leaves the disk untouched; then orphan checkpoint temporaries are
+    removed, the CSV logs are cut back to the checkpoint's update (each update is logged
+    once) and ``config.yaml`` is written.
     """
 
     def __init__(self, config: TrainConfig, resume: bool = False) -> None:
         self.config = config
-        self.dir = Path(config.run_dir) / config.name
+        self.dir = run_directory(config)
         self.checkpoint_path = self.dir / CHECKPOINT
-        if not resume and self.checkpoint_path.exists():
-            raise FileExistsError(
-                f"run directory {str(self.dir)!r} already holds a checkpoint: pass --resume "
-                "to continue it, or choose another --run_name"
-            )
+        self._payload = validate_start(config, resume)
+        self.start_update = self._payload["update"] if self._payload else 0
+        self.saved_update: int | None = self.start_update if self._payload else None
         self.dir.mkdir(parents=True, exist_ok=True)
+        remove_orphan_temps(self.checkpoint_path)
+        truncate_csv_logs(self.dir / "logs", self.start_update)
         (self.dir / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
         self.logger = make_logger(config.logger, self.dir)
-        self.start_update = 0
         self.frames = 0
         self.extra: dict[str, Any] = {}
         self.buffers: dict[str, Any] = {}
@@ -133,25 +157,11 @@ class Run:
     # -------------------------------------------------------------- checkpoints
     def restore(self, modules: dict[str, nn.Module], optimizer: torch.optim.Optimizer) -> None:
         """Loads the run's checkpoint, if any, into ``modules`` and ``optimizer``."""
-        if not self.checkpoint_path.exists():
+        payload, self._payload = self._payload, None
+        if payload is None:
             return
-        payload = load_checkpoint(self.checkpoint_path)
-        # Keys added to TrainConfig after a checkpoint was written take their defaults.
-        saved = {**TrainConfig().to_dict(), **payload["config"]}
-        diff = {
-            key: (saved[key], value)
-            for key, value in self.config.to_dict().items()
-            if key not in RESUMABLE_CHANGES and saved[key] != value
-        }
-        if diff:
-            raise CheckpointError(
-                f"checkpoint {str(self.checkpoint_path)!r} was written with other settings "
-                f"(saved, now): {diff}"
-            )
         load_modules(payload, modules, self.checkpoint_path)
         optimizer.load_state_dict(payload["optimizer"])
-        set_rng_state(payload["rng"])
-        self.start_update = payload["update"]
         self.frames = payload.get("frames", 0)
         self.extra = payload.get("extra", {})
         self._saved_buffers = payload.get("buffers", {})
@@ -196,7 +206,6 @@ class Run:
                 "optimizer": optimizer.state_dict(),
                 "update": update,
                 "frames": self.frames,
-                "rng": rng_state(),
                 "extra": self.extra,
                 "buffers": saved,
             },
@@ -204,24 +213,20 @@ class Run:
         for stale in (self.dir / "buffers").glob("*") if saved else ():
             if str(stale.relative_to(self.dir)) not in saved.values():
                 shutil.rmtree(stale)
+        self.saved_update = update
         return path
 
     def held_out(self, actor: nn.Module) -> dict[str, float]:
         """``eval/*`` metrics: greedy success on ``eval_interval_episodes`` held-out episodes and
-        the grounding probe on as many bot episodes. The RNG states are restored afterwards, so
-        evaluating does not change the training run."""
+        the grounding probe on as many bot episodes. It runs between a ``train_step`` and the
+        next re-seeding, so the random numbers it draws do not change the training run."""
         from mop_torchrl.train.evaluate import bot_episodes, evaluate, grounding_probe
 
-        config, state, start = self.config, rng_state(), time.perf_counter()
-        try:
-            if self._probe is None:
-                self._probe = bot_episodes(
-                    config.task_id, config.eval_interval_episodes, config.seed
-                )
-            result = evaluate(actor, config.task_id, config.eval_interval_episodes, config.seed)
-            result.update(grounding_probe(actor, self._probe))
-        finally:
-            set_rng_state(state)
+        config, start = self.config, time.perf_counter()
+        if self._probe is None:
+            self._probe = bot_episodes(config.task_id, config.eval_interval_episodes, config.seed)
+        result = evaluate(actor, config.task_id, config.eval_interval_episodes, config.seed)
+        result.update(grounding_probe(actor, self._probe))
         metrics = {f"eval/{key}": value for key, value in result.items() if key in _EVAL_KEYS}
         metrics["perf/eval_s"] = time.perf_counter() - start
         return metrics
@@ -251,41 +256,71 @@ class Run:
     ) -> None:
         """The loop every algorithm shares: time, train, log, checkpoint, show progress.
 
-        ``train_step(batch, update)`` does one optimizer update and returns its metrics.
+        ``train_step(batch, update)`` does one optimizer update and returns its metrics. The
+        global generators are re-seeded from ``(seed, update)`` before each batch is drawn and
+        before each ``train_step`` (:func:`~mop_torchrl.train.checkpoint.seed_everything`), so
+        a run resumed in a fresh process repeats an uninterrupted one exactly. SIGINT finishes
+        the current update, saves a checkpoint of it and raises :class:`RunInterrupted`.
         """
         config = self.config
         bar = self.progress(config.num_updates)
         tick = time.perf_counter()
+        update = self.start_update
         try:
-            for update, data in batches:
-                collect_time = time.perf_counter() - tick
-                if stats is not None:
-                    stats.add(data)
-                metrics = train_step(data, update)
-                self.frames += data.numel()
-                train_time = time.perf_counter() - tick - collect_time
-                self.extra["wall_s"] = self.extra.get("wall_s", 0.0) + collect_time + train_time
-                done = update + 1
-                bar.update(1)
-                if done % config.log_interval == 0 or done == config.num_updates:
-                    metrics.update(stats.summary() if stats is not None else {})
-                    metrics.update(
-                        {
-                            "perf/frames": self.frames,
-                            "perf/wall_s": self.extra["wall_s"],
-                            "perf/frames_per_s": data.numel() / (collect_time + train_time),
-                            "perf/collect_s": collect_time,
-                            "perf/train_s": train_time,
-                        }
-                    )
-                    self.log(done, metrics)
-                if config.eval_interval and done % config.eval_interval == 0:
-                    self.log(done, self.held_out(modules["actor"]))
-                if done % config.checkpoint_interval == 0 or done == config.num_updates:
-                    self.save(done, modules, optimizer)
-                tick = time.perf_counter()
+            with _deferred_sigint() as interrupted:
+                while True:
+                    seed_everything(config.seed, update, "collect")
+                    item = next(batches, None)
+                    if item is None:
+                        break
+                    update, data = item
+                    collect_time = time.perf_counter() - tick
+                    if stats is not None:
+                        stats.add(data)
+                    seed_everything(config.seed, update, "train")
+                    metrics = train_step(data, update)
+                    self.frames += data.numel()
+                    train_time = time.perf_counter() - tick - collect_time
+                    self.extra["wall_s"] = self.extra.get("wall_s", 0.0) + collect_time + train_time
+                    update += 1
+                    bar.update(1)
+                    if update % config.log_interval == 0 or update == config.num_updates:
+                        metrics.update(stats.summary() if stats is not None else {})
+                        metrics.update(
+                            {
+                                "perf/frames": self.frames,
+                                "perf/wall_s": self.extra["wall_s"],
+                                "perf/frames_per_s": data.numel() / (collect_time + train_time),
+                                "perf/collect_s": collect_time,
+                                "perf/train_s": train_time,
+                            }
+                        )
+                        self.log(update, metrics)
+                    if config.eval_interval and update % config.eval_interval == 0:
+                        self.log(update, self.held_out(modules["actor"]))
+                    last = update == config.num_updates
+                    if update % config.checkpoint_interval == 0 or last or interrupted():
+                        self.save(update, modules, optimizer)
+                    if interrupted():
+                        raise RunInterrupted(
+                            f"interrupted: checkpoint saved at update {update}; continue with "
+                            f"--resume {self.dir}"
+                        )
+                    tick = time.perf_counter()
+        except NonFiniteLossError as err:
+            kept = (
+                f"the checkpoint of update {self.saved_update} was kept"
+                if self.saved_update is not None
+                else "no checkpoint was written yet"
+            )
+            raise NonFiniteLossError(
+                f"{err}: stopping; {kept}. Try a lower --lr or --alpha."
+            ) from None
         finally:
             bar.close()
+            close = getattr(batches, "close", None)
+            if close is not None:
+                close()  # shut the collector down now, not when garbage-collected
 
 
 _EVAL_KEYS = {
@@ -310,24 +345,172 @@ _BAR_KEYS = {
 
 def check_finite(loss: torch.Tensor, update: int) -> None:
     if not torch.isfinite(loss):
-        raise NonFiniteLossError(
-            f"non-finite loss ({loss.item()}) at update {update}: stopping; the last checkpoint "
-            "was kept. Try a lower --lr or --alpha."
-        )
+        raise NonFiniteLossError(f"non-finite loss ({loss.item()}) at update {update}")
 
 
 def load_modules(payload: dict[str, Any], modules: dict[str, nn.Module], path: Path) -> None:
-    """Loads a checkpoint's state dicts with an error that says what does not fit."""
+    """Loads a checkpoint's state dicts with a one-line error that says what does not fit."""
     for name, module in modules.items():
         if name not in payload["model"]:
             raise CheckpointError(f"checkpoint {str(path)!r} has no {name!r} weights")
-        try:
-            module.load_state_dict(payload["model"][name])
-        except RuntimeError as err:
+        saved, own = payload["model"][name], module.state_dict()
+        missing = [k for k in own if k not in saved]
+        unexpected = [k for k in saved if k not in own]
+        resized = [
+            f"{k} {list(saved[k].shape)} vs {list(v.shape)}"
+            for k, v in own.items()
+            if k in saved and hasattr(saved[k], "shape") and saved[k].shape != v.shape
+        ]
+        if missing or unexpected or resized:
+            policy = payload.get("config", {}).get("policy", "?")
+            problems = [
+                f"{len(items)} {what} (e.g. {items[0]})"
+                for items, what in (
+                    (missing, "missing weights"),
+                    (unexpected, "unexpected weights"),
+                    (resized, "size mismatches, saved vs this"),
+                )
+                if items
+            ]
             raise CheckpointError(
-                f"checkpoint {str(path)!r} does not fit this {name} (different policy or sizes?): "
-                f"{str(err).splitlines()[0]}"
-            ) from err
+                f"checkpoint {str(path)!r} (policy {policy!r}) does not fit this {name}: "
+                + "; ".join(problems)
+            )
+        module.load_state_dict(saved)
+
+
+def run_directory(config: TrainConfig) -> Path:
+    """The directory of the run ``config`` describes: ``run_dir/name``."""
+    return Path(config.run_dir) / config.name
+
+
+def validate_start(
+    config: TrainConfig, resume: bool, overwrite: bool = False
+) -> dict[str, Any] | None:
+    """Checks that the run can start, without touching the disk; returns the checkpoint to resume.
+
+    Checked: the level exists; BC demos open and hold that level; an ``init_checkpoint`` loads
+    into this policy; the run directory is writable; a new run does not reuse a directory
+    (unless ``overwrite``, and then only one holding a ``config.yaml``); a resumed run's
+    checkpoint is readable, was written with the same settings, and is not past
+    ``num_updates``.
+
+    Raises:
+        RunError, CheckpointError, DemoError, ValueError: naming what is wrong (one line).
+    """
+    from mop_torchrl.envs import resolve_level
+
+    try:
+        level = resolve_level(config.task_id)
+    except ValueError as err:
+        raise RunError(str(err)) from None
+    if config.algo == "bc":
+        from mop_torchrl.demos import DemoError, open_demos
+
+        _, meta = open_demos(config.demos)
+        if resolve_level(meta["level"]) != level:
+            raise DemoError(f"demos in {config.demos!r} are of {meta['level']}, not {level}")
+    run_dir = run_directory(config)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise RunError(f"run directory {str(run_dir)!r} exists and is not a directory")
+    _check_writable(run_dir)
+    checkpoint = run_dir / CHECKPOINT
+    payload = None
+    if resume and overwrite:
+        raise RunError("--resume and --overwrite exclude each other")
+    if resume and checkpoint.exists():
+        payload = load_checkpoint(checkpoint)
+        # Keys added to TrainConfig after a checkpoint was written take their defaults.
+        saved = {**TrainConfig().to_dict(), **payload["config"]}
+        diff = {
+            key: (saved[key], value)
+            for key, value in config.to_dict().items()
+            if key not in RESUMABLE_CHANGES and saved[key] != value
+        }
+        if diff:
+            raise CheckpointError(
+                f"checkpoint {str(checkpoint)!r} was written with other settings "
+                f"(saved, now): {diff}"
+            )
+        if config.num_updates < payload["update"]:
+            raise RunError(
+                f"run {str(run_dir)!r} is already at update {payload['update']}: "
+                f"num_updates {config.num_updates} would go back"
+            )
+    elif not resume and run_dir.is_dir() and any(run_dir.iterdir()):
+        if not overwrite:
+            held = "a checkpoint" if checkpoint.exists() else "files of another run"
+            raise RunError(
+                f"run directory {str(run_dir)!r} already holds {held}: pass --resume to "
+                "continue it, --overwrite to start again, or choose another --run_name"
+            )
+        if not (run_dir / "config.yaml").is_file():
+            raise RunError(
+                f"--overwrite refuses to delete {str(run_dir)!r}: it is not a run directory "
+                "(no config.yaml)"
+            )
+    if config.algo == "ppo" and config.init_checkpoint and payload is None:
+        actor, _ = build_policy(config)
+        source = Path(config.init_checkpoint)
+        load_modules(load_checkpoint(source), {"actor": actor}, source)
+    return payload
+
+
+def remove_run(config: TrainConfig) -> None:
+    """Deletes the run directory ``config`` names (``--overwrite``; validate it first)."""
+    shutil.rmtree(run_directory(config), ignore_errors=False)
+
+
+def _check_writable(path: Path) -> None:
+    """Raises :class:`RunError` unless ``path`` (or its nearest existing parent) takes files."""
+    probe = path
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        raise RunError(f"cannot create {str(path)!r}: {str(probe)!r} is not a directory")
+    try:
+        with tempfile.TemporaryFile(dir=probe):
+            pass
+    except OSError as err:
+        raise RunError(f"cannot write in {str(probe)!r}: {err.strerror or err}") from None
+
+
+def truncate_csv_logs(log_dir: Path, step: int) -> None:
+    """Keeps only the rows with ``step <= step`` in every CSV scalar file under ``log_dir``.
+
+    A resumed run re-logs the updates after its checkpoint; without this they would appear
+    twice (and a run resumed without a checkpoint would log on top of the old run).
+    """
+    for path in sorted((log_dir / "scalars").rglob("*.csv")):
+        kept = []
+        for line in path.read_text().splitlines():
+            head = line.split(",", 1)[0]
+            if line.count(",") == 1 and head.lstrip("-").isdigit() and int(head) <= step:
+                kept.append(line + "\n")
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text("".join(kept))
+        tmp.replace(path)
+
+
+@contextlib.contextmanager
+def _deferred_sigint() -> Iterator[Callable[[], bool]]:
+    """While active, a first SIGINT only sets a flag (read with the yielded function); a second
+    one raises ``KeyboardInterrupt`` as usual. Outside the main thread it does nothing."""
+    flag = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield flag.is_set
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        if flag.is_set():
+            raise KeyboardInterrupt
+        flag.set()
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield flag.is_set
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def make_logger(kind: str, run_dir: Path):
