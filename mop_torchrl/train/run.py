@@ -269,6 +269,7 @@ class Run:
         try:
             with _deferred_sigint() as interrupted:
                 while True:
+                    _own_threads(config.torch_threads)
                     seed_everything(config.seed, update, "collect")
                     item = next(batches, None)
                     if item is None:
@@ -277,6 +278,7 @@ class Run:
                     collect_time = time.perf_counter() - tick
                     if stats is not None:
                         stats.add(data)
+                    _own_threads(config.torch_threads)
                     seed_everything(config.seed, update, "train")
                     metrics = train_step(data, update)
                     self.frames += data.numel()
@@ -321,6 +323,14 @@ class Run:
             close = getattr(batches, "close", None)
             if close is not None:
                 close()  # shut the collector down now, not when garbage-collected
+
+
+def _own_threads(threads: int) -> None:
+    """Sets torch's thread count back to the run's: torchrl raises it whenever a batched env
+    closes, even at garbage collection long after an evaluation, and updates would otherwise
+    run with other threads (other rounding, and OpenMP spin-waiting against the envs)."""
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
 
 
 _EVAL_KEYS = {
