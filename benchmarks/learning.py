@@ -62,43 +62,54 @@ def row(run_dir: Path) -> dict:
     }
 
 
+DIFFICULTY = ["GoToRedBall", "GoToLocal", "PickupLoc", "PutNextLocal", "GoTo"]
+"""SPEC §4's order, easiest first (the panels' order)."""
+
+
 def curves(rows: list[dict], out: Path) -> None:
-    """Held-out success vs frames (``eval/success_rate`` in each run's CSV logs), per level."""
+    """Held-out success and grounding gap vs frames (``eval/*`` in each run's CSV logs)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    levels = list(
-        dict.fromkeys(r["level"].removeprefix("BabyAI-").removesuffix("-v0") for r in rows)
+    short = lambda r: r["level"].removeprefix("BabyAI-").removesuffix("-v0")  # noqa: E731
+    found = {short(r) for r in rows}
+    levels = [lv for lv in DIFFICULTY if lv in found] + sorted(found - set(DIFFICULTY))
+    fig, axes = plt.subplots(
+        2, len(levels), figsize=(4 * len(levels), 6), squeeze=False, sharex="col"
     )
-    fig, axes = plt.subplots(1, len(levels), figsize=(4 * len(levels), 3.4), squeeze=False)
     colors = {"mop": "tab:blue", "gru": "tab:orange"}
     for r in rows:
-        csv = Path(r["run_dir"]) / "logs" / "scalars" / "eval" / "success_rate.csv"
-        if not csv.exists():
-            continue
-        steps, values = zip(*(map(float, line.split(",")) for line in csv.read_text().split()))
-        level = r["level"].removeprefix("BabyAI-").removesuffix("-v0")
-        ax = axes[0][levels.index(level)]
-        frames = [s * r["frames_per_update"] / 1000 for s in steps]
+        logs = Path(r["run_dir"]) / "logs" / "scalars" / "eval"
+        column = levels.index(short(r))
         label = f"{'MoP' if r['policy'] == 'mop' else 'GRU(512)'} s{r['seed']}"
-        ax.plot(
-            frames,
-            values,
-            color=colors[r["policy"]],
-            alpha=1.0 - 0.35 * r["seed"],
-            marker=".",
-            label=label,
-        )
-        ax.set_title(level)
-        ax.set_xlabel("frames (k)")
-        ax.set_ylim(0, 1.02)
-        ax.grid(alpha=0.3)
+        for row, name in enumerate(("success_rate", "grounding_gap")):
+            if not (logs / f"{name}.csv").exists():
+                continue
+            points = [
+                map(float, line.split(",")) for line in (logs / f"{name}.csv").read_text().split()
+            ]
+            steps, values = zip(*points)
+            frames = [step * r["frames_per_update"] / 1000 for step in steps]
+            ax = axes[row][column]
+            ax.plot(
+                frames,
+                values,
+                color=colors[r["policy"]],
+                alpha=1.0 - 0.35 * r["seed"],
+                marker=".",
+                label=label,
+            )
+            ax.grid(alpha=0.3)
+            ax.set_ylim(0 if row == 0 else -0.1, 1.02 if row == 0 else 0.6)
+        axes[0][column].set_title(short(r))
+        axes[1][column].set_xlabel("frames (k)")
     axes[0][0].set_ylabel("held-out success")
+    axes[1][0].set_ylabel("grounding gap\n(label acc. true − shuffled missions)")
     for ax in axes[0]:
         ax.legend(fontsize=8, loc="lower right")
-    fig.suptitle("Online imitation (DAgger with replay): held-out success during training")
+    fig.suptitle("Online imitation (DAgger with replay), evaluated every eval_interval updates")
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=110)
