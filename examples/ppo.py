@@ -3,8 +3,7 @@
     python examples/ppo.py --level GoToRedBall --num_updates 200
 
 ClipPPOLoss replays each env's unroll in recurrent mode by itself; GAE does not, so it runs
-inside ``set_recurrent_mode(True)`` with ``deactivate_vmap=True`` (a recurrent critic fails
-under vmap). Episode ends are treated as terminal, as BabyAI's own PPO does. The packaged
+inside ``set_recurrent_mode(True)``. Episode ends are treated as terminal, as BabyAI's own PPO does. The packaged
 version is ``mop-torchrl train --algo ppo``.
 """
 
@@ -36,7 +35,7 @@ torch.set_num_threads(1)
 
 actor, critic = make_policy("mop", mop=MoPConfig.from_preset("paper"))
 loss_module = ClipPPOLoss(actor, critic, entropy_coeff=0.01, normalize_advantage=True)
-advantage = GAE(gamma=0.99, lmbda=0.95, value_network=critic, shifted=True, deactivate_vmap=True)
+advantage = GAE(gamma=0.99, lmbda=0.95, value_network=critic, shifted=True)
 optimizer = torch.optim.Adam(loss_module.parameters(), lr=args.lr)
 env = make_babyai_env(args.level, num_envs=args.num_envs, seed=args.seed, parallel=False)
 frames = args.num_envs * args.unroll_len

@@ -59,6 +59,7 @@ def run_step_benchmark(
     gru_hidden: int = 512,
     min_time: float = 0.05,
     cuda_graphs: bool = True,
+    compile: bool = False,
     seed: int = 0,
 ) -> dict[str, Any]:
     """Benchmark 1: policy steps/s in step mode, per batch size.
@@ -67,7 +68,8 @@ def run_step_benchmark(
     gru_hidden)``), each called as ``module(td)`` on a ``[batch]`` TensorDict with random states
     and ~5% ``is_init``. On CUDA with ``cuda_graphs``, ``mop_fused_graph`` replays the captured
     ``module(td)``, and ``gru_graph`` the captured GRU step on tensors (``GRUModule``'s step
-    calls ``is_init.any()``, a host sync that cannot be captured).
+    calls ``is_init.any()``, a host sync that cannot be captured). With ``compile``,
+    ``mop_fused_compiled`` is ``torch.compile(module)`` (inductor, one graph per batch size).
     """
     torch.manual_seed(seed)
     dev = torch.device(device)
@@ -97,6 +99,12 @@ def run_step_benchmark(
             "mop_reference": _bind(mop["reference"], mop_td.clone()),
             "gru": _bind(gru, gru_td.clone()),
         }
+        if compile:
+            with torch._dynamo.config.patch(allow_rnn=True):  # dynamo refuses nn.GRU otherwise
+                compiled = torch.compile(mop["fused"], dynamic=False, fullgraph=True)
+                with torch.no_grad():
+                    compiled(mop_td.clone())  # compiles here, not inside the timing
+            candidates["mop_fused_compiled"] = _bind(compiled, mop_td.clone())
         if use_graphs:
             graphed = {
                 "mop_fused_graph": _bind(mop["fused"], mop_td.clone()),
@@ -112,7 +120,9 @@ def run_step_benchmark(
         rows += _rows(times, batch, baseline="gru", extra={"batch": batch})
     params = {"mop": _num_params(mop["fused"]), "gru": _num_params(gru)}
     result = _header("step", dev, config, params, repeats, gru_hidden=gru_hidden)
-    result["config"].update(batches=list(batches), mode="eval, torch.no_grad()", is_init_p=0.05)
+    result["config"].update(
+        batches=list(batches), mode="eval, torch.no_grad()", is_init_p=0.05, compile=compile
+    )
     result["results"] = rows
     if errors:
         result["errors"] = errors
@@ -320,6 +330,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--preset", default="seed")
     parser.add_argument("--batches", default=",".join(map(str, STEP_BATCHES)), help="step")
     parser.add_argument("--no-cuda-graphs", action="store_true", help="step")
+    parser.add_argument("--compile", action="store_true", help="step: add torch.compile")
     parser.add_argument("--batch", type=int, default=64, help="sequence")
     parser.add_argument("--steps", type=int, default=32, help="sequence")
     parser.add_argument("--reset-prob", type=float, default=0.05, help="sequence")
@@ -340,7 +351,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     for name in which:
         if name == "step":
             batches = [int(b) for b in args.batches.split(",")]
-            result = run_step_benchmark(batches, cuda_graphs=not args.no_cuda_graphs, **common)
+            result = run_step_benchmark(
+                batches, cuda_graphs=not args.no_cuda_graphs, compile=args.compile, **common
+            )
         elif name == "sequence":
             result = run_sequence_benchmark(
                 args.batch, args.steps, reset_prob=args.reset_prob, **common

@@ -1,5 +1,6 @@
-"""Fast computation of a MoP block from the same parameters as the reference path.
+"""Fast GRU kernels for the MoP blocks, on ``nn.GRU`` parameters (no knowledge of MoP).
 
+:mod:`mop_torchrl.model` builds the blocks on these; this module imports nothing from it.
 Why the code looks like this (measured on a 2-core CPU, seed preset, side by side):
 
 * **One step** (step mode): one ``torch.gru_cell`` per router/expert. It beat a single GRU with
@@ -14,41 +15,60 @@ Why the code looks like this (measured on a 2-core CPU, seed preset, side by sid
   on ``[64, 32]``, segments padded to the longest one hold 2.5x the real rows, and the scan's
   forward+backward was ~2x faster than ``torch.gru`` on them. No data-dependent shapes, so no
   host-device sync either. (On a GPU the per-step loop should be launch-bound; not measured.)
-* **Mix**: weights scale each expert's activations before its projection and the projections
-  accumulate through ``addmm``: ``Σ_i w_i (W_i a_i + b_i) = Σ_i W_i (w_i a_i) + w B``.
+* **functorch**: the scan is an ``autograd.Function`` in the ``setup_context`` style with its
+  own ``vmap`` rule, so ``torch.vmap`` (TorchRL's value estimators, ensembles) runs it.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 import torch.nn.functional as F
+from torch import nn
 from torch.autograd.function import once_differentiable
 
-if TYPE_CHECKING:
-    from mop_torchrl.model import MoPBlock
-
-__all__ = ["block_mix", "block_recurrence"]
+__all__ = ["functorch_active", "gru_cell", "gru_recurrence", "gru_scan"]
 
 
-def block_recurrence(
-    block: MoPBlock,
+def functorch_active() -> bool:
+    """Whether a torch.func transform (``vmap``, ``grad``, ...) is tracing this call."""
+    return torch._C._are_functorch_transforms_active()
+
+
+def gru_cell(
+    x: torch.Tensor,
+    h: torch.Tensor,
+    w_ih: torch.Tensor,
+    w_hh: torch.Tensor,
+    b_ih: torch.Tensor,
+    b_hh: torch.Tensor,
+) -> torch.Tensor:
+    """One GRU step, ``torch.gru_cell`` (one kernel) except under torch.func transforms,
+    where its gate math is written out (``gru_cell`` has no batching rule: vmap would loop)."""
+    if not functorch_active():
+        return torch.gru_cell(x, h, w_ih, w_hh, b_ih, b_hh)
+    i_r, i_z, i_n = F.linear(x, w_ih, b_ih).chunk(3, -1)
+    h_r, h_z, h_n = F.linear(h, w_hh, b_hh).chunk(3, -1)
+    r, z = torch.sigmoid(i_r + h_r), torch.sigmoid(i_z + h_z)
+    n = torch.tanh(i_n + r * h_n)
+    return n + z * (h - n)
+
+
+def gru_recurrence(
+    grus: list[nn.GRU],
     x: torch.Tensor,
     states: list[torch.Tensor],
     starts: torch.Tensor | None = None,
 ) -> list[torch.Tensor]:
-    """Runs the router and the experts over ``x [S, L, D]``.
+    """Runs several single-layer GRUs that read the same input ``x [S, L, D]``.
 
     Without ``starts``, ``states`` are the initial states ``[S, h]``. With ``starts [S, L]``
     (bool, true at ``t=0``), ``states`` are ``[S, L, h]`` and each sequence restarts from
     ``states[:, t]`` wherever ``starts[:, t]``. Returns the state after every step, one
-    ``[S, L, h]`` tensor per GRU (router first).
+    ``[S, L, h]`` tensor per GRU.
     """
-    grus = block.grus
     if starts is None and x.shape[1] == 1:
         return [
-            torch.gru_cell(
+            gru_cell(
                 x[:, 0], h, g.weight_ih_l0, g.weight_hh_l0, g.bias_ih_l0, g.bias_hh_l0
             ).unsqueeze(1)
             for g, h in zip(grus, states)
@@ -61,29 +81,34 @@ def block_recurrence(
     b_ih = torch.cat([g.bias_ih_l0 for g in grus])
     input_gates = F.linear(x, w_ih, b_ih).split([3 * g.hidden_size for g in grus], -1)
     return [
-        _GRUScan.apply(gi, stored, starts, g.weight_hh_l0, g.bias_hh_l0)
+        gru_scan(gi, stored, starts, g.weight_hh_l0, g.bias_hh_l0)
         for g, gi, stored in zip(grus, input_gates, states)
     ]
 
 
-def block_mix(
-    block: MoPBlock, x: torch.Tensor, expert_states: list[torch.Tensor], weights: torch.Tensor
+def gru_scan(
+    gi: torch.Tensor,
+    stored: torch.Tensor,
+    starts: torch.Tensor,
+    w_hh: torch.Tensor,
+    b_hh: torch.Tensor,
 ) -> torch.Tensor:
-    """``LayerNorm(x + Σ_i w_i E_i)`` with the weighted projections accumulated by ``addmm``."""
-    shape = x.shape
-    x, weights = x.reshape(-1, shape[-1]), weights.reshape(-1, weights.shape[-1])
-    experts = [block.experts[i] for i in block.stateful_experts]
-    total, stateful_weights = x, weights
-    if len(experts) < len(block.sizes):  # identity experts add (Σ w_id) x
-        total = torch.addcmul(x, x, weights @ block.identity_mask.unsqueeze(-1))
-        stateful_weights = weights.index_select(-1, block.stateful_index)
-    if experts:
-        biases = torch.stack([expert.proj.bias for expert in experts])
-        total = torch.addmm(total, stateful_weights, biases)
-        for i, expert, h in zip(block.stateful_experts, experts, expert_states):
-            act = F.relu(expert.norm(h.reshape(-1, h.shape[-1]))) * weights[:, i : i + 1]
-            total = torch.addmm(total, act, expert.proj.weight.t())
-    return block.norm(total).reshape(shape)
+    """One GRU over time with resets, from precomputed input gates (see :class:`_GRUScan`).
+
+    Differentiable, and usable under ``torch.vmap`` (over data and/or weights).
+
+    Examples:
+        >>> import torch
+        >>> gru = torch.nn.GRU(3, 4, batch_first=True)
+        >>> x, h0 = torch.randn(2, 5, 3), torch.zeros(2, 4)
+        >>> starts = torch.zeros(2, 5, dtype=torch.bool)
+        >>> starts[:, 0] = True
+        >>> gi = torch.nn.functional.linear(x, gru.weight_ih_l0, gru.bias_ih_l0)
+        >>> out = gru_scan(gi, h0[:, None].expand(2, 5, 4), starts, gru.weight_hh_l0, gru.bias_hh_l0)
+        >>> bool(torch.allclose(out, gru(x, h0[None])[0], atol=1e-6))
+        True
+    """
+    return _GRUScan.apply(gi, stored, starts, w_hh, b_hh)[0]
 
 
 class _GRUScan(torch.autograd.Function):
@@ -97,7 +122,7 @@ class _GRUScan(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, gi, stored, starts, w_hh, b_hh):
+    def forward(gi, stored, starts, w_hh, b_hh):
         size = w_hh.shape[1]
         gi, stored = gi.transpose(0, 1), stored.transpose(0, 1)  # time-major views
         reset = starts.transpose(0, 1).unsqueeze(-1)
@@ -133,12 +158,19 @@ class _GRUScan(torch.autograd.Function):
             torch.add(gi_rz_t, gh_rz_t, out=rz_t).sigmoid_()
             torch.addcmul(gi_n_t, r_t, gh_n_t, out=n_t).tanh_()
             h = torch.addcmul(n_t, z_t, h - n_t, out=out_t)
+        # The intermediates are outputs (setup_context style, which torch.func needs).
+        return out.transpose(0, 1), h_in, gh_n, rz, n
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        starts, w_hh = inputs[2], inputs[3]
+        _, h_in, gh_n, rz, n = output
+        ctx.mark_non_differentiable(h_in, gh_n, rz, n)
         ctx.save_for_backward(starts, w_hh, h_in, gh_n, rz, n)
-        return out.transpose(0, 1)
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, grad_out):
+    def backward(ctx, grad_out, *_):
         starts, w_hh, h_in, gh_n, rz, n = ctx.saved_tensors
         steps, batch, size = n.shape
         r, z = rz.split(size, -1)
@@ -184,3 +216,28 @@ class _GRUScan(torch.autograd.Function):
         d_gh_n.copy_(d_an)  # d_gh becomes the gradient of the input gates
         d_stored = None if d_stored is None else d_stored.transpose(0, 1)
         return d_gh.transpose(0, 1), d_stored, None, d_w, d_b
+
+    @staticmethod
+    def vmap(info, in_dims, gi, stored, starts, w_hh, b_hh):
+        """Batching rule: the scan writes into preallocated buffers (``out=``), which vmap
+        cannot trace. With shared weights (vmap over data) the vmapped dim joins the batch of
+        one scan; with per-map weights (stacked parameter sets) each set runs its own scan."""
+        args = (gi, stored, starts, w_hh, b_hh)
+        size = info.batch_size
+
+        def leading(value, dim):
+            return value.expand(size, *value.shape) if dim is None else value.movedim(dim, 0)
+
+        gi, stored, starts = (leading(v, d) for v, d in zip(args[:3], in_dims[:3]))
+        if in_dims[3] is None and in_dims[4] is None:
+            batch = gi.shape[1]
+            outs = _GRUScan.apply(
+                gi.flatten(0, 1), stored.flatten(0, 1), starts.flatten(0, 1), w_hh, b_hh
+            )
+            # out is [size * S, L, h]; the intermediates are time-major [L, size * S, ...].
+            out = outs[0].unflatten(0, (size, batch))
+            rest = [v.unflatten(1, (size, batch)) for v in outs[1:]]
+            return (out, *rest), (0, 1, 1, 1, 1)
+        w_hh, b_hh = (leading(v, d) for v, d in zip(args[3:], in_dims[3:]))
+        per_map = [_GRUScan.apply(*map_args) for map_args in zip(gi, stored, starts, w_hh, b_hh)]
+        return tuple(torch.stack(outs) for outs in zip(*per_map)), (0,) * 5

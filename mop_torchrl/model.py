@@ -8,9 +8,14 @@ Two implementations share the same parameters:
 
 * ``"reference"``: one ``nn.GRU`` per router/expert and one output projection per expert, the
   way the BabyAI integration did it; kept as the oracle for tests and benchmarks.
-* ``"fused"`` (:mod:`mop_torchrl.fused`): over sequences, the input gates of a block's GRUs are one
-  product over all steps and only the recurrent products run per step (resets without padding);
-  the weighted expert projections accumulate in place.
+* ``"fused"`` (GRU kernels in :mod:`mop_torchrl.fused`): over sequences, the input gates of a
+  block's GRUs are one product over all steps and only the recurrent products run per step
+  (resets without padding); the weighted expert projections accumulate in place
+  (:meth:`MoPBlock.fused_mix`).
+
+Under ``torch.vmap`` (or any torch.func transform) the reference runs its GRUs as a Python loop
+of cells (``aten::gru`` has no batching rule), and its recurrent mode resets with a
+``where`` on the state instead of padded segments (whose shapes depend on the data).
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mop_torchrl.config import MoPConfig
+from mop_torchrl.fused import functorch_active, gru_cell, gru_recurrence
 
 __all__ = ["CoreOutput", "Expert", "MoPBlock", "MoPCore", "routing_cost_loss"]
 
@@ -141,6 +147,26 @@ class MoPBlock(nn.Module):
             total = total + weights[..., i : i + 1] * out
         return self.norm(total)
 
+    def fused_mix(
+        self, x: torch.Tensor, expert_states: list[torch.Tensor], weights: torch.Tensor
+    ) -> torch.Tensor:
+        """:meth:`mix` with the weighted projections accumulated by ``addmm``:
+        ``Σ_i w_i (W_i a_i + b_i) = Σ_i W_i (w_i a_i) + w B``."""
+        shape = x.shape
+        x, weights = x.reshape(-1, shape[-1]), weights.reshape(-1, weights.shape[-1])
+        experts = [self.experts[i] for i in self.stateful_experts]
+        total, stateful_weights = x, weights
+        if len(experts) < len(self.sizes):  # identity experts add (Σ w_id) x
+            total = torch.addcmul(x, x, weights @ self.identity_mask.unsqueeze(-1))
+            stateful_weights = weights.index_select(-1, self.stateful_index)
+        if experts:
+            biases = torch.stack([expert.proj.bias for expert in experts])
+            total = torch.addmm(total, stateful_weights, biases)
+            for i, expert, h in zip(self.stateful_experts, experts, expert_states):
+                act = F.relu(expert.norm(h.reshape(-1, h.shape[-1]))) * weights[:, i : i + 1]
+                total = torch.addmm(total, act, expert.proj.weight.t())
+        return self.norm(total).reshape(shape)
+
     def forward(
         self,
         x: torch.Tensor,
@@ -150,16 +176,14 @@ class MoPBlock(nn.Module):
     ) -> BlockOutput:
         """See :meth:`MoPCore.forward`; the reference path takes no ``starts``."""
         if implementation == "fused":
-            from mop_torchrl import fused
-
-            new_states = fused.block_recurrence(self, x, states, starts)
-        else:
-            if starts is not None:
-                raise ValueError("the reference block runs from initial states only")
+            new_states = gru_recurrence(self.grus, x, states, starts)
+        elif starts is None and not functorch_active():
             new_states = [gru(x, h.unsqueeze(0))[0] for gru, h in zip(self.grus, states)]
+        else:
+            new_states = [_gru_loop(gru, x, h, starts) for gru, h in zip(self.grus, states)]
         probs, weights = self.gates(new_states[0])
         if implementation == "fused":
-            y = fused.block_mix(self, x, new_states[1:], weights)
+            y = self.fused_mix(x, new_states[1:], weights)
         else:
             y = self.mix(x, new_states[1:], weights)
         cost = (probs * self.expert_cost).sum(-1)
@@ -168,6 +192,25 @@ class MoPBlock(nn.Module):
 
 def _argmax_mask(probs: torch.Tensor) -> torch.Tensor:
     return F.one_hot(probs.argmax(-1), probs.shape[-1]).bool()
+
+
+def _gru_loop(
+    gru: nn.GRU, x: torch.Tensor, h: torch.Tensor, starts: torch.Tensor | None
+) -> torch.Tensor:
+    """``gru`` one cell at a time over ``x [S, L, D]`` (the form vmap can batch).
+
+    ``h`` is ``[S, h]``, or with ``starts [S, L]`` the stored states ``[S, L, h]`` restarted
+    from wherever ``starts`` is true. Returns the state after every step ``[S, L, h]``.
+    """
+    weights = (gru.weight_ih_l0, gru.weight_hh_l0, gru.bias_ih_l0, gru.bias_hh_l0)
+    state = h if starts is None else h[:, 0]  # starts is true at t=0
+    out = []
+    for t in range(x.shape[1]):
+        if starts is not None and t > 0:
+            state = torch.where(starts[:, t, None], h[:, t], state)
+        state = gru_cell(x[:, t], state, *weights)
+        out.append(state)
+    return torch.stack(out, 1)
 
 
 @dataclass
@@ -219,7 +262,7 @@ class MoPCore(nn.Module):
         ``starts[:, t]`` (the recurrent mode's resets). The fused path runs these resets in
         place; the reference splits the rows into padded segments.
         """
-        if starts is not None and self.implementation == "reference":
+        if starts is not None and self.implementation == "reference" and not functorch_active():
             segments = _Segments(starts)
             out = self.forward(
                 segments.pack(x), [[segments.initial(s) for s in block] for block in states]

@@ -12,10 +12,10 @@ from collections.abc import Sequence
 
 import torch
 from tensordict import NestedKey, TensorDict, TensorDictBase
-from tensordict.nn import TensorDictModuleBase
+from tensordict.nn import TensorDictModuleBase, dispatch
 from torchrl.data import Composite, Unbounded
 from torchrl.envs import TensorDictPrimer
-from torchrl.modules import recurrent_mode
+from torchrl.modules import canonicalize_rnn_subset, recurrent_mode
 
 from mop_torchrl.config import MoPConfig
 from mop_torchrl.model import Implementation, MoPCore
@@ -30,7 +30,10 @@ class MoPModule(TensorDictModuleBase):
         config: the core's hyper-parameters (:class:`~mop_torchrl.MoPConfig`).
 
     Keyword Args:
-        in_key: input features, ``[*batch, config.input_dim]``.
+        in_key: input features, ``[*batch, config.input_dim]``, of order 1 (like a
+            normalised encoder's output): the core does not normalise them, and with
+            features of standard deviation 16 about 5% of the first block's GRU update gates
+            saturate at exactly 1.0 in float32, leaving those units at 0 from a zero state.
         out_key: output features, ``[*batch, config.intermediate_dim]``.
         state_key: root of the nested hidden-state keys
             ``(state_key, "block{l}", "router")`` and ``(state_key, "block{l}", "expert{i}")``
@@ -40,12 +43,21 @@ class MoPModule(TensorDictModuleBase):
             ``(routing_key, "cost")`` the step's routing cost ``Σ_l Σ_i p_{l,i} d_{l,i}^c``
             ``[*batch]``.
         implementation: ``"fused"`` (default) or ``"reference"`` (one ``nn.GRU`` per expert).
+        default_recurrent_mode: the mode used outside any
+            :class:`~torchrl.modules.set_recurrent_mode` context (``None``: step mode), as
+            ``GRUModule``'s; read the mode in effect from :attr:`recurrent_mode`.
 
     In step mode (the default, what collectors call) the input is ``[*batch]`` and the state
     used is ``where(is_init, 0, stored)``. In recurrent mode the input is ``[*B, T]``; the
     sequence starts from the stored state at ``t=0`` and restarts from the stored state at every
     ``is_init`` step; ``("next", key)`` holds the final state of each segment at its last step
     and zeros elsewhere.
+
+    Like ``GRUModule``, it can be called with keyword tensors named after its keys (nested
+    keys joined by ``"_"``; it returns the ``out_keys`` values in order), runs under
+    ``torch.vmap`` in both modes (with ``randomness="different"`` in train mode, where expert
+    dropout draws random numbers), and :func:`torchrl.modules.canonicalize_rnn_subset`
+    accepts it (:attr:`canonical_keys`, :meth:`canonicalize`).
 
     Hidden states may only be missing from the input where every sequence starts fresh
     (``is_init`` all true in step mode, at ``t=0`` in recurrent mode): anywhere else a missing
@@ -71,6 +83,9 @@ class MoPModule(TensorDictModuleBase):
         >>> seq["features"].shape
         torch.Size([2, 5, 32])
         >>> env_primer = module.make_tensordict_primer()  # env.append_transform(env_primer)
+        >>> features, *_ = module(obs=torch.randn(4, 8), is_init=torch.ones(4, 1, dtype=torch.bool))
+        >>> features.shape
+        torch.Size([4, 32])
     """
 
     def __init__(
@@ -82,9 +97,11 @@ class MoPModule(TensorDictModuleBase):
         state_key: str = "recurrent_state",
         routing_key: str = "routing",
         implementation: Implementation = "fused",
+        default_recurrent_mode: bool | None = None,
     ) -> None:
         super().__init__()
         self.config = config
+        self._recurrent_mode = default_recurrent_mode
         self.core = MoPCore(config, implementation)
         self.in_key = in_key
         self.out_key = out_key
@@ -111,6 +128,23 @@ class MoPModule(TensorDictModuleBase):
         ]
 
     # ------------------------------------------------------------------ TorchRL plumbing
+    @property
+    def recurrent_mode(self) -> bool:
+        """The mode in effect: the ``set_recurrent_mode`` context if any, else the default."""
+        mode = recurrent_mode()
+        return bool(self._recurrent_mode) if mode is None else bool(mode)
+
+    @property
+    def canonical_keys(self) -> list[NestedKey]:
+        """The keys whose memory layout matters to this module (its in and out keys)."""
+        return [*self.in_keys, *self.out_keys]
+
+    def canonicalize(self, data: TensorDictBase, *, inplace: bool = False) -> TensorDictBase:
+        """``data`` with the :attr:`canonical_keys` present made contiguous, other entries
+        untouched (what :func:`torchrl.modules.canonicalize_rnn_subset` does for several
+        modules at once)."""
+        return canonicalize_rnn_subset(data, [self], inplace=inplace)
+
     def make_tensordict_primer(self) -> TensorDictPrimer:
         """A primer declaring every hidden state, for ``env.append_transform(...)``.
 
@@ -159,10 +193,11 @@ class MoPModule(TensorDictModuleBase):
         return self
 
     # ------------------------------------------------------------------ forward
+    @dispatch
     def forward(self, tensordict: TensorDictBase) -> TensorDictBase:
         # Tensors are read, reshaped and written one by one: reshaping the whole TensorDict
         # in and out cost about as much as the core's step at batch 64.
-        recurrent = bool(recurrent_mode())
+        recurrent = self.recurrent_mode
         shape = tensordict.batch_size
         if recurrent and len(shape) == 0:
             raise ValueError(

@@ -13,7 +13,7 @@ from tensordict import TensorDict
 from torchrl.modules import set_recurrent_mode
 
 from mop_torchrl import MoPConfig, MoPModule, bench
-from mop_torchrl.fused import _GRUScan
+from mop_torchrl.fused import gru_scan
 from mop_torchrl.model import MoPCore
 
 CONFIGS = ["0,4,8;6", "0", "0;5,3", "7,2,0;0;3", "16,32;8,1"]
@@ -94,7 +94,7 @@ def test_gru_scan_gradcheck():
     starts[:, 0] = True
     w_hh, b_hh = torch.randn(3 * size, size, **options), torch.randn(3 * size, **options)
     assert torch.autograd.gradcheck(
-        lambda *args: _GRUScan.apply(args[0], args[1], starts, *args[2:]),
+        lambda *args: gru_scan(args[0], args[1], starts, *args[2:]),
         (gi, stored, w_hh, b_hh),
     )
 

@@ -81,3 +81,53 @@ def test_collector_propagates_and_resets_hidden_states(kind, parallel):
     with set_recurrent_mode(True), torch.no_grad():
         values = critic(data.copy())["state_value"]
     assert values.shape == (2, 80, 1) and torch.isfinite(values).all()
+
+
+def test_traced_mission_encoding_matches_deduplicated():
+    """The graph-safe encoding (every row over all tokens) equals the de-duplicated one."""
+    encoder = ObservationEncoder(EncoderConfig(image_channels=8, instr_dim=16))
+    missions = torch.tensor([[5, 6, 7, 0, 0], [5, 6, 0, 0, 0], [5, 6, 7, 0, 0], [9, 0, 0, 0, 0]])
+    torch.testing.assert_close(encoder._encode_tokens(missions), encoder.encode_missions(missions))
+
+
+def test_actor_step_compiles_as_one_graph():
+    """No data-dependent shape or host sync in the step: dynamo captures encoder, core and head
+    in one graph (the CPU-side proof that a CUDA graph can capture it). The "eager" backend
+    keeps the test fast: graph breaks are dynamo's, whatever the backend."""
+    from tensordict.nn import set_interaction_type
+
+    torch.manual_seed(0)
+    actor, _ = make_policy("mop", **SMALL)
+    actor.eval()
+    env = make_babyai_env("GoToLocal", num_envs=3, seed=0, parallel=False, policy=actor)
+    td = env.rollout(3, actor, break_when_any_done=False)[:, -1]["next"]  # stored states set
+    env.close()
+    compiled = torch.compile(actor, fullgraph=True, backend="eager")
+    with (
+        torch._dynamo.config.patch(allow_rnn=True),
+        torch.no_grad(),
+        set_interaction_type(InteractionType.DETERMINISTIC),
+    ):
+        expected = actor(td.clone())
+        for _ in range(2):
+            torch.testing.assert_close(compiled(td.clone()), expected)
+
+
+def test_gae_runs_the_critic_under_vmap():
+    """GAE without deactivate_vmap vmaps encoder and core; the values equal the looped ones."""
+    from torchrl.modules import set_recurrent_mode
+    from torchrl.objectives.value import GAE
+
+    torch.manual_seed(0)
+    actor, critic = make_policy("mop", **SMALL)
+    env = make_babyai_env("GoToRedBall", num_envs=2, seed=1, parallel=False, policy=actor)
+    data = env.rollout(12, actor.eval(), break_when_any_done=False)
+    env.close()
+    data["next", "terminated"] = data["next", "done"].clone()
+    data.names = [None, "time"]
+    advantages = []
+    for deactivate_vmap in (False, True):
+        gae = GAE(gamma=0.9, lmbda=0.95, value_network=critic, deactivate_vmap=deactivate_vmap)
+        with torch.no_grad(), set_recurrent_mode(True):
+            advantages.append(gae(data.clone())["advantage"])
+    torch.testing.assert_close(advantages[0], advantages[1])

@@ -3,8 +3,8 @@
 From scratch, or from an imitation checkpoint (``init_checkpoint``). Minibatches split the
 batch along envs so each keeps its whole ``unroll_len`` sequence, which the loss replays in
 recurrent mode from the stored hidden states. Episode ends (success or time-out) are treated
-as terminal, as BabyAI's own PPO does; GAE runs in recurrent mode with ``shifted=True`` and
-``deactivate_vmap=True`` (a recurrent critic fails under vmap). For MoP the routing cost is
+as terminal, as BabyAI's own PPO does; GAE runs in recurrent mode with ``shifted=True`` (and
+vmap: the MoP core and the encoder run under ``torch.vmap``). For MoP the routing cost is
 added in plain form ``α·cost`` (the scaled form needs a positive task loss, which PPO's
 objective is not).
 """
@@ -50,7 +50,6 @@ def train_ppo(config: TrainConfig, resume: bool = False) -> Path:
         lmbda=config.gae_lambda,
         value_network=critic,
         shifted=True,
-        deactivate_vmap=True,
     )
     optimizer = torch.optim.Adam(loss_module.parameters(), lr=config.lr)
     modules = {"actor": actor, "critic": critic}
