@@ -219,14 +219,14 @@ def test_sigint_saves_the_current_update_and_exits_130(tmp_path):
 
 def test_killed_run_resumes_with_each_update_logged_once(tmp_path):
     run_dir = tmp_path / "run"
-    args = ["train", *TINY_FLAGS, "--num_updates=9", "--checkpoint_interval=4"]
+    args = ["train", *TINY_FLAGS, "--num_updates=14", "--checkpoint_interval=6"]
     proc = subprocess.Popen(
         [SCRIPT, *args, "--run_dir", tmp_path, "--run_name", "run"],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-    _wait_for_rows(run_dir / "logs" / "scalars" / "train" / "loss.csv", 5, proc)
-    proc.send_signal(signal.SIGKILL)
+    _wait_for_rows(run_dir / "logs" / "scalars" / "train" / "loss.csv", 7, proc)
+    proc.send_signal(signal.SIGKILL)  # after the checkpoint of update 6, well before 12
     proc.wait()
     logged, saved = _logged_steps(run_dir), load_checkpoint(run_dir)["update"]
     assert saved < len(logged)  # updates logged after the last checkpoint ...
@@ -234,7 +234,7 @@ def test_killed_run_resumes_with_each_update_logged_once(tmp_path):
     orphan.write_bytes(b"partial")
     result = cli("train", "--resume", run_dir)
     assert result.returncode == 0, result.stderr
-    assert _logged_steps(run_dir) == list(range(1, 10))  # ... are logged once
+    assert _logged_steps(run_dir) == list(range(1, 15))  # ... are logged once
     assert not orphan.exists()
 
 
