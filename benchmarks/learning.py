@@ -58,7 +58,7 @@ def markdown(rows: list[dict]) -> str:
         lines.append(
             f"| {r['level']} | {r['algo']} | {r['policy']} | {r['frames']:,} | "
             f"{r['train_wall_min']:.1f} | {r['success_rate']:.3f} | {r['mean_return']:.3f} | "
-            f"{r['path_ratio']:.2f} |"
+            f"{'-' if r['path_ratio'] is None else format(r['path_ratio'], '.2f')} |"
         )
     return "\n".join(lines)
 
