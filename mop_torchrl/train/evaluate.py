@@ -54,7 +54,7 @@ def evaluate(
         >>> actor, _ = make_policy("mop")
         >>> result = evaluate(actor.eval(), "GoToRedBall", episodes=2, num_envs=2)
         >>> sorted(result)[:3]
-        ['bot_failures', 'episodes', 'frames']
+        ['bot_errors', 'bot_failures', 'episodes']
     """
     if episodes < 1 or num_envs < 1:
         raise ValueError(f"episodes and num_envs must be >= 1, got {episodes}, {num_envs}")
