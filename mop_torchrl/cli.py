@@ -21,7 +21,7 @@ INTERRUPTED = 130
 
 def _fail(command: str, err: object, code: int = 1) -> NoReturn:
     message = " ".join(str(err).split()) or type(err).__name__
-    print(f"mop-torchrl {command}: {message}", file=sys.stderr)
+    print(f"{f'mop-torchrl {command}'.strip()}: {message}", file=sys.stderr)
     sys.exit(code)
 
 
@@ -185,10 +185,17 @@ def _routes(args: argparse.Namespace) -> None:
     print(f"  plots:   {out / 'plots'}/ ({len(plots)} PNG)")
 
 
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose errors are one line (the full usage is in ``--help``)."""
+
+    def error(self, message: str) -> NoReturn:
+        _fail(self.prog.removeprefix("mop-torchrl").strip(), f"{message} (see --help)", 2)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from mop_torchrl.train.config import add_config_arguments
 
-    parser = argparse.ArgumentParser(prog="mop-torchrl", description=__doc__)
+    parser = _Parser(prog="mop-torchrl", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
 
     train = commands.add_parser("train", help="train a policy (imitation, bc or ppo)")

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import pickle
 import shutil
 from pathlib import Path
 
@@ -220,3 +222,41 @@ def test_bc_smoke(demo_dir, tmp_path):
     )
     run_dir = train(config)
     assert (Path(run_dir) / "checkpoint.pt").exists()
+
+
+def _unpickling_fails():
+    raise pickle.UnpicklingError("garbled episode")
+
+
+class _Garbled:
+    def __reduce__(self):
+        return (_unpickling_fails, ())
+
+
+def _garbling_worker(level, env_seed, act_seed, episodes, stop):  # pragma: no cover - subprocess
+    episodes.put(_Garbled())
+    stop.wait(60)
+
+
+def test_unreadable_worker_message_is_an_error_not_an_empty_queue(tmp_path, monkeypatch):
+    monkeypatch.setattr(demos_module, "_gym_worker", _garbling_worker)
+    with pytest.raises(pickle.UnpicklingError, match="garbled episode"):
+        generate_demos(LEVEL, 1, tmp_path / "demos", num_workers=1, progress=False)
+
+
+def test_truncated_storage_is_refused_without_writing(demo_dir, tmp_path):
+    out = tmp_path / "demos"
+    shutil.copytree(demo_dir, out)
+    _, meta = open_demos(out)
+    image = out / meta["storage"] / "image.memmap"
+    os.truncate(image, 1000)
+    with pytest.raises(DemoError, match=r"image\.memmap has 1000 bytes"):
+        open_demos(out)
+    with pytest.raises(DemoError, match="truncated"):
+        generate_demos(LEVEL, 1, out, num_workers=1, progress=False)
+    assert image.stat().st_size == 1000
+    shutil.rmtree(out)
+    shutil.copytree(demo_dir, out)
+    (out / meta["storage"] / "next" / "done.memmap").unlink()
+    with pytest.raises(DemoError, match=r"done\.memmap is missing"):
+        open_demos(out)

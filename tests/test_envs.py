@@ -200,3 +200,25 @@ def test_expert_policy_succeeds_with_path_ratio_one():
     lengths = td["next", "step_count"][done].squeeze(-1)
     assert (lengths == td["next", "bot_solution_length"][done]).all()
     assert (td["next", "bot_failures"] == 0).all()
+
+
+def test_bot_exceptions_reach_the_env_metrics_apart_from_failures(monkeypatch):
+    from mop_torchrl.expert import BoundedBabyAIBot
+
+    real_replan = BoundedBabyAIBot.replan
+
+    def flaky_replan(self, action_taken=None):
+        if action_taken == 2:  # "forward": a stand-in for a bug in the bot
+            raise AttributeError("flaky")
+        return real_replan(self, action_taken)
+
+    monkeypatch.setattr(BoundedBabyAIBot, "replan", flaky_replan)
+    env = make_babyai_gym_env("GoToRedBall", seed=0, expert=True)
+    obs, info = env.reset()
+    assert info["bot_errors"] == 0
+    obs, *_, info = env.step(2)
+    assert obs["expert_action"] == -1 and info["bot_errors"] == 1 and info["bot_failures"] == 0
+    obs, *_, info = env.step(0)
+    assert obs["expert_action"] >= 0 and info["bot_errors"] == 1
+    env.reset()
+    assert env.step(0)[-1]["bot_errors"] == 0  # counted per episode

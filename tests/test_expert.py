@@ -169,3 +169,22 @@ def test_fresh_bot_skips_completed_parts_of_a_sequence():
     assert len(fresh.stack) < len(full.stack)
     _, reward = _bot_rollout(env, fresh)
     assert reward > 0
+
+
+def test_exceptions_are_counted_by_type_not_as_budget_failures(monkeypatch, caplog):
+    from mop_torchrl import expert as expert_module
+
+    def buggy_replan(self, action_taken=None):
+        raise TypeError("a bug, not a plan failure")
+
+    monkeypatch.setattr(expert_module, "_logged_types", set())
+    monkeypatch.setattr(BoundedBabyAIBot, "replan", buggy_replan)
+    env = _reset("BabyAI-GoToLocal-v0", 0)
+    expert = BabyAIExpert(env)
+    with caplog.at_level("WARNING", logger="mop_torchrl.expert"):
+        assert expert.reset() == -1 and expert.replan(2) == -1
+        assert bot_solution_length(env, errors=expert.errors) == -1
+    assert expert.failures == 0 and expert.total_failures == 0
+    assert dict(expert.errors.counts) == {"TypeError": 3}
+    logged = [r for r in caplog.records if "TypeError" in r.getMessage()]
+    assert len(logged) == 1 and logged[0].exc_info is not None  # the first one, with traceback

@@ -35,32 +35,59 @@ def params(run_dir):
     return load_checkpoint(run_dir / "checkpoint.pt")["model"]["actor"]
 
 
-def test_resume_is_deterministic(tmp_path):
-    straight = train(tiny(tmp_path / "a", num_updates=4, checkpoint_interval=2))
-    first_half = train(tiny(tmp_path / "b", num_updates=2, checkpoint_interval=2))
-    assert load_checkpoint(first_half)["update"] == 2
-    resumed = resume(first_half, {"num_updates": 4})
-    assert load_checkpoint(resumed)["update"] == 4
-    for name, value in params(straight).items():
-        torch.testing.assert_close(params(resumed)[name], value, rtol=0, atol=0, msg=name)
-    logged = (resumed / "logs" / "scalars" / "train" / "loss.csv").read_text().splitlines()
-    assert len(logged) == 4  # one row per update, none lost or repeated
+def test_resume_without_checkpoint_restarts_the_logs(tmp_path):
+    """A run killed before its first checkpoint restarts from 0 without its old log rows."""
+    config = tiny(tmp_path, num_updates=2, checkpoint_interval=100)
+    old_logs = tmp_path / config.name / "logs" / "scalars" / "train"
+    old_logs.mkdir(parents=True)
+    (old_logs / "loss.csv").write_text("1,5.0\n2,4.0\n3,3.")  # the last row cut by the kill
+    (tmp_path / config.name / "config.yaml").write_text(yaml.safe_dump(config.to_dict()))
+    run_dir = resume(tmp_path / config.name)
+    rows = (run_dir / "logs" / "scalars" / "train" / "loss.csv").read_text().splitlines()
+    assert [r.split(",")[0] for r in rows] == ["1", "2"] and "1,5.0" not in rows
 
 
-def test_non_finite_loss_stops_and_keeps_last_checkpoint(tmp_path, monkeypatch):
+def test_overwrite_deletes_only_run_directories(tmp_path):
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "thesis.tex").write_text("precious")
+    with pytest.raises(RunError, match="not a run directory"):
+        train(tiny(tmp_path, num_updates=1, run_name="mine"), overwrite=True)
+    assert (tmp_path / "mine" / "thesis.tex").read_text() == "precious"
+
+
+def test_legacy_checkpoint_with_numpy_rng_state_loads_data_only(tmp_path):
+    import numpy as np
+
+    path = tmp_path / "old.pt"
+    legacy = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": (3, ())}
+    torch.save(
+        {"format": "mop_torchrl.checkpoint/1", "config": {}, "model": {}, "optimizer": {},
+         "update": 1, "rng": legacy},
+        path,
+    )  # fmt: skip
+    assert load_checkpoint(path)["rng"]["numpy"][0] == "MT19937"
+
+
+@pytest.mark.parametrize("bad_call, kept", [(3, "the checkpoint of update 2 was kept"),
+                                             (1, "no checkpoint was written yet")])  # fmt: skip
+def test_non_finite_loss_stops_and_keeps_last_checkpoint(tmp_path, monkeypatch, bad_call, kept):
     real_loss = imitation_module.imitation_loss
     calls = []
 
     def poisoned(actor, data, config):
         loss, metrics = real_loss(actor, data, config)
         calls.append(1)
-        return (loss * torch.nan if len(calls) == 3 else loss), metrics
+        return (loss * torch.nan if len(calls) == bad_call else loss), metrics
 
     monkeypatch.setattr(imitation_module, "imitation_loss", poisoned)
     config = tiny(tmp_path, num_updates=4, checkpoint_interval=2, updates_per_batch=1)
-    with pytest.raises(NonFiniteLossError, match="update 2"):
+    with pytest.raises(NonFiniteLossError, match=f"update {bad_call - 1}: stopping; {kept}"):
         train(config)
-    saved = load_checkpoint(tmp_path / config.name / "checkpoint.pt")
+    checkpoint = tmp_path / config.name / "checkpoint.pt"
+    if bad_call == 1:
+        assert not checkpoint.exists()
+        return
+    saved = load_checkpoint(checkpoint)
     assert saved["update"] == 2
     assert all(torch.isfinite(v).all() for v in saved["model"]["actor"].values())
 
@@ -154,3 +181,20 @@ def test_gru_baseline_trains_and_knobs_need_mop(tmp_path):
     run_dir = train(tiny(tmp_path, policy="gru", num_updates=1))
     with pytest.raises(CheckpointError, match="MoP"):
         evaluate_checkpoint(run_dir / "checkpoint.pt", episodes=1, disable_largest=True)
+
+
+def test_eval_path_ratio_is_missing_without_a_success():
+    from tensordict.nn import TensorDictModule
+
+    from mop_torchrl.train.evaluate import evaluate
+
+    class Done(torch.nn.Module):  # "done" forever: never reaches the ball
+        def forward(self, direction):
+            return torch.full_like(direction, 6)
+
+    actor = TensorDictModule(Done(), in_keys=["direction"], out_keys=["action"])
+    result = evaluate(actor, "GoToRedBall", episodes=2, num_envs=2)
+    assert result["episodes"] == 2 and result["success_rate"] == 0.0
+    assert result["path_ratio"] is None and result["bot_errors"] == 0
+    with pytest.raises(ValueError, match="episodes"):
+        evaluate(actor, "GoToRedBall", episodes=0)

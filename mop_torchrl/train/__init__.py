@@ -23,9 +23,10 @@ def train(config: TrainConfig, resume: bool = False, overwrite: bool = False) ->
     before the disk is touched (:func:`~mop_torchrl.train.run.validate_start`).
 
     Examples:
+        >>> import tempfile
         >>> config = TrainConfig(num_envs=2, unroll_len=4, num_updates=1, eval_episodes=0,
-        ...                      run_dir="/tmp/mop_doctest_runs", run_name="doctest")
-        >>> run_dir = train(config, resume=True)  # resume=True: reuse the directory if present
+        ...                      run_dir=tempfile.mkdtemp(), run_name="doctest")
+        >>> run_dir = train(config)
         >>> (run_dir / "checkpoint.pt").exists()
         True
     """
