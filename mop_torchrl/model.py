@@ -174,7 +174,8 @@ class MoPBlock(nn.Module):
         implementation: Implementation,
         starts: torch.Tensor | None = None,
     ) -> BlockOutput:
-        """See :meth:`MoPCore.forward`; the reference path takes no ``starts``."""
+        """See :meth:`MoPCore.forward`; the reference gets ``starts`` only under torch.func
+        transforms (otherwise the core splits the rows into segments for it)."""
         if implementation == "fused":
             new_states = gru_recurrence(self.grus, x, states, starts)
         elif starts is None and not functorch_active():
@@ -260,7 +261,8 @@ class MoPCore(nn.Module):
         states ``[S, h]``. With ``starts [S, L]`` (bool, true at ``t=0``), ``states`` are
         ``[S, L, h]`` and each sequence restarts from ``states[:, t]`` wherever
         ``starts[:, t]`` (the recurrent mode's resets). The fused path runs these resets in
-        place; the reference splits the rows into padded segments.
+        place; the reference splits the rows into padded segments (under torch.func
+        transforms, where shapes may not depend on the data, it resets in a loop of cells).
         """
         if starts is not None and self.implementation == "reference" and not functorch_active():
             segments = _Segments(starts)
