@@ -123,8 +123,8 @@ class TrainConfig:
     """Updates between checkpoints (one is also written at the end)."""
     eval_episodes: int = 100
     """Episodes of greedy evaluation at the end of the run (0 skips it)."""
-    logger: Literal["csv", "tensorboard"] = "csv"
-    """TorchRL logger for the scalars."""
+    logger: Literal["csv", "tensorboard", "wandb", "mlflow"] = "csv"
+    """TorchRL logger for the scalars (wandb runs offline; wandb/mlflow must be installed)."""
 
     def __post_init__(self) -> None:
         for field in dataclasses.fields(self):
