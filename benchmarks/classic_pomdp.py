@@ -140,21 +140,18 @@ def plot(out: Path, figure: Path) -> None:
             runs = [json.loads(p.read_text()) for p in sorted(out.glob(f"{task}_{core}_s*.json"))]
             if not runs:
                 continue
-            grid = np.linspace(0, min(r["frames"] for r in runs), 100)
-            curves = []
-            for run in runs:
-                frames, mean = rolling(run["curve"], window)
-                curves.append(np.interp(grid, frames, mean, left=np.nan))
-            curves = np.array(curves)
-            (line,) = ax.plot(grid, np.nanmean(curves, 0), label=f"{core} ({len(runs)} seeds)")
-            ax.fill_between(
-                grid, np.nanmin(curves, 0), np.nanmax(curves, 0), color=line.get_color(), alpha=0.2
-            )
+            rolled = [rolling(run["curve"], window) for run in runs]
+            start = max(frames[0] for frames, _ in rolled)  # every seed has an episode
+            grid = np.linspace(start, min(r["frames"] for r in runs), 100)
+            curves = np.array([np.interp(grid, frames, mean) for frames, mean in rolled])
+            (line,) = ax.plot(grid, curves.mean(0), label=f"{core} ({len(runs)} seeds)")
+            ax.fill_between(grid, curves.min(0), curves.max(0), color=line.get_color(), alpha=0.2)
         ax.axhline(target, color="grey", ls="--", lw=0.8)
         ax.set_title(f"masked {task} (mean of last {window} episodes)")
         ax.set_xlabel("frames")
         ax.set_ylabel("return")
-        ax.legend()
+        if ax.lines[1:]:
+            ax.legend()
     fig.tight_layout()
     figure.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(figure, dpi=100)
