@@ -48,6 +48,9 @@ class TrainConfig:
     backend: Literal["inprocess", "multiprocess", "distributed", "ray"] = "inprocess"
     """Collection backend: in this process, num_workers local processes, torch.distributed
     workers (see distributed_launcher) or a Ray cluster (the [distributed] extra)."""
+    worker_log_level: Literal["warning", "info", "debug"] = "warning"
+    """backend ray: what the workers' logs send to this console: warnings and errors only, or
+    also info/debug messages."""
     num_workers: int = 1
     """Collector workers of the multi-worker backends, num_envs // num_workers envs each."""
     distributed_launcher: Literal["mp", "submitit"] = "mp"

@@ -34,6 +34,7 @@ RESUMABLE_CHANGES = {
     "log_interval",
     "eval_episodes",
     "logger",
+    "worker_log_level",
     "run_dir",
     "run_name",
 }
