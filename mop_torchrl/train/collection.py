@@ -221,8 +221,9 @@ def make_collector(
 class _RayWorkerCollector(Collector):
     """A ``Collector`` with a one-line repr, for Ray workers.
 
-    Ray prefixes every line a worker actor logs with the actor's repr; ``Collector``'s spans
-    ~145 lines (env, transforms, policy), so each worker warning became a page of output.
+    Ray names an actor's log stream with the actor's repr, printed by the worker and used as the
+    ``(name pid=...)`` line prefix; ``Collector``'s spans ~145 lines (env, transforms, policy)
+    and reached the driver's console whole, several times per worker.
     """
 
     def __repr__(self) -> str:
