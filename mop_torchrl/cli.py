@@ -130,7 +130,7 @@ def _fraction(text: str) -> float:
 def _routes(args: argparse.Namespace) -> None:
     from pathlib import Path
 
-    from mop_torchrl.analysis import plot_all, summarise, write_summary
+    from mop_torchrl.analysis import parquet_available, plot_all, summarise, write_summary
     from mop_torchrl.analysis.record import mop_cores, record_routes, sweep_ablation
     from mop_torchrl.envs import resolve_level
     from mop_torchrl.train.evaluate import load_actor
@@ -177,7 +177,8 @@ def _routes(args: argparse.Namespace) -> None:
     print(
         f"recorded {len(episodes)} episodes ({len(routes)} steps) of {level}: success {success:.2f}"
     )
-    print(f"  tables:  {out / 'routes.csv'}, {out / 'episodes.csv'}")
+    tables = "csv, parquet" if parquet_available() else "csv"
+    print(f"  tables:  {out / 'routes'}.{{{tables}}}, {out / 'episodes'}.{{{tables}}}")
     print(f"  frames:  {out / 'frames'}/ ({len(episodes)} PNG)")
     print(f"  summary: {summary[-1]} (+ {len(summary) - 1} CSV)")
     if ablation is not None:

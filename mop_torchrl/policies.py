@@ -34,7 +34,7 @@ from tensordict.nn import (
     TensorDictSequential,
 )
 from torch import nn
-from torchrl.modules import GRUModule, ProbabilisticActor
+from torchrl.modules import GRUModule, LSTMModule, ProbabilisticActor
 
 from mop_torchrl.config import MoPConfig
 from mop_torchrl.envs import NUM_ACTIONS
@@ -189,19 +189,28 @@ OBSERVATION_KEYS = ["image", "direction", "carrying", "mission"]
 
 
 def make_core(
-    kind: Literal["mop", "gru"],
+    kind: Literal["mop", "gru", "lstm"],
     input_dim: int,
     mop: MoPConfig | None = None,
     gru_hidden_size: int = 512,
 ) -> tuple[TensorDictModuleBase, int]:
-    """The recurrent core reading ``"embed"`` and writing ``"features"``, and its output width."""
+    """The recurrent core reading ``"embed"`` and writing ``"features"``, and its output width.
+
+    ``gru_hidden_size`` is the hidden size of the ``"gru"`` and ``"lstm"`` baselines.
+
+    Examples:
+        >>> core, width = make_core("lstm", 8, gru_hidden_size=16)
+        >>> width, core.in_keys
+        (16, ['embed', 'recurrent_state_h', 'recurrent_state_c', 'is_init'])
+    """
     if kind == "mop":
         config = dataclasses.replace(mop or MoPConfig.from_preset("seed"), input_dim=input_dim)
         return MoPModule(config, in_key="embed", out_key="features"), config.intermediate_dim
-    if kind == "gru":
-        core = GRUModule(input_dim, gru_hidden_size, in_key="embed", out_key="features")
+    if kind in ("gru", "lstm"):
+        module = GRUModule if kind == "gru" else LSTMModule
+        core = module(input_dim, gru_hidden_size, in_key="embed", out_key="features")
         return core, gru_hidden_size
-    raise ValueError(f"unknown policy kind {kind!r}; choose 'mop' or 'gru'")
+    raise ValueError(f"unknown policy kind {kind!r}; choose 'mop', 'gru' or 'lstm'")
 
 
 def make_policy(

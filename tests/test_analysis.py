@@ -21,6 +21,7 @@ from mop_torchrl.analysis import (
     plot_utilisation,
     read_episodes,
     read_routes,
+    schema,
     step_event,
     summarise,
     synthetic_tables,
@@ -28,6 +29,7 @@ from mop_torchrl.analysis import (
     validate_routes,
     weight_columns,
     write_summary,
+    write_tables,
 )
 
 LAYERS = [[0, 16, 32], [32, 64]]
@@ -115,6 +117,33 @@ def test_csv_round_trip(tables, tmp_path):
     validate_routes(back, LAYERS)
     pd.testing.assert_frame_equal(back, routes, check_dtype=False)
     validate_episodes(read_episodes(tmp_path / "episodes.csv"))
+
+
+def test_parquet_round_trip_keeps_schema(tables, tmp_path):
+    routes, episodes = tables
+    paths = write_tables(tmp_path, routes=routes, episodes=episodes)
+    assert [p.name for p in paths] == [
+        "routes.csv",
+        "routes.parquet",
+        "episodes.csv",
+        "episodes.parquet",
+    ]
+    back = read_routes(tmp_path / "routes.parquet")
+    validate_routes(back, LAYERS)
+    # column order, dtypes (int64, float64, object strings incl. the empty events) and values
+    pd.testing.assert_frame_equal(back, routes, check_dtype=True)
+    assert (back["event"] == "").any()
+    pd.testing.assert_frame_equal(read_episodes(tmp_path / "episodes.parquet"), episodes)
+    # the CSV twin holds the same rows
+    pd.testing.assert_frame_equal(read_routes(tmp_path / "routes.csv"), routes, check_dtype=False)
+
+
+def test_without_pyarrow_csv_only(tables, tmp_path, monkeypatch):
+    monkeypatch.setattr(schema, "parquet_available", lambda: False)
+    paths = write_tables(tmp_path, routes=tables[0])
+    assert [p.name for p in paths] == ["routes.csv"]
+    with pytest.raises(ImportError, match="pyarrow"):
+        read_routes(tmp_path / "routes.parquet")
 
 
 @pytest.mark.parametrize("column", ["mission_type", "episode", "w0_2", "w1_0", "cost", "event"])

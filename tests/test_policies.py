@@ -4,7 +4,7 @@ import pytest
 import torch
 from tensordict.nn import InteractionType
 from torchrl.collectors import Collector
-from torchrl.modules import GRUModule
+from torchrl.modules import GRUModule, LSTMModule
 
 from mop_torchrl import MoPConfig, MoPModule
 from mop_torchrl.envs import make_babyai_env
@@ -42,8 +42,10 @@ def test_gru_baseline_differs_only_in_the_core():
         type(m.module) for m in (gru_parts[0], gru_parts[2])
     ]
     assert isinstance(mop_parts[1], MoPModule) and isinstance(gru_parts[1], GRUModule)
-    with pytest.raises(ValueError, match="lstm"):
-        make_policy("lstm")
+    lstm_actor, _ = make_policy("lstm", gru_hidden_size=16, encoder=SMALL["encoder"])
+    assert isinstance(lstm_actor.module[0].module[1], LSTMModule)
+    with pytest.raises(ValueError, match="transformer"):
+        make_policy("transformer")
 
 
 def _as_tuple(key):

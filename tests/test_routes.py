@@ -89,6 +89,8 @@ def test_record_weights_positions_and_frames(recording):
         assert data.startswith(PNG_SIGNATURE) and len(data) > 500
     pd.testing.assert_frame_equal(read_routes(out / "routes.csv"), routes, check_dtype=False)
     pd.testing.assert_frame_equal(read_episodes(out / "episodes.csv"), episodes, check_dtype=False)
+    pd.testing.assert_frame_equal(read_routes(out / "routes.parquet"), routes)  # types kept
+    pd.testing.assert_frame_equal(read_episodes(out / "episodes.parquet"), episodes)
 
 
 def test_record_events_with_bot_actions():

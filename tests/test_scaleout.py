@@ -1,6 +1,9 @@
 """Multi-worker collection: weights reach the workers, states and labels stay per worker."""
 
 import importlib.util
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -137,3 +140,22 @@ def test_train_multiprocess_end_to_end(tmp_path):
     assert (run_dir / "checkpoint.pt").exists()
     payload = torch.load(run_dir / "checkpoint.pt", weights_only=False)
     assert payload["update"] == 2 and payload["frames"] == 2 * 2 * 8
+
+
+@pytest.mark.skipif(
+    not HAS_RAY, reason="ray is not installed (pip install 'mop-torchrl[distributed]')"
+)
+def test_ray_run_prints_a_screenful(tmp_path):
+    """Worker output stays quiet by default: Ray prefixed each worker log line with the
+    collector's ~145-line repr (~1,900 lines for 6 updates); the whole run now fits a screen."""
+    flags = {**TINY, "backend": "ray", "num_workers": 2, "num_updates": 2, "log_interval": 1}
+    cmd = [sys.executable, "-m", "mop_torchrl.cli", "train", "--run_dir", str(tmp_path)]
+    for key, value in flags.items():
+        cmd += [f"--{key}", str(value)]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # a fresh local Ray
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-3000:]
+    lines = output.splitlines()
+    assert len(lines) <= 50, f"{len(lines)} lines of output:\n" + "\n".join(lines[:80])
+    assert not any("TransformedEnv(" in line for line in lines)

@@ -33,6 +33,7 @@ from mop_torchrl.analysis.schema import (
     ROUTE_COLUMNS,
     block_columns,
     mission_type,
+    parquet_available,
     read_episodes,
     read_routes,
     step_event,
@@ -40,6 +41,7 @@ from mop_torchrl.analysis.schema import (
     validate_episodes,
     validate_routes,
     weight_columns,
+    write_tables,
 )
 from mop_torchrl.analysis.summary import (
     cost_summary,
@@ -64,6 +66,7 @@ __all__ = [
     "entropy_summary",
     "format_markdown",
     "mission_type",
+    "parquet_available",
     "plot_ablation",
     "plot_all",
     "plot_cost",
@@ -81,6 +84,7 @@ __all__ = [
     "validate_routes",
     "weight_columns",
     "write_summary",
+    "write_tables",
 ]
 
 _LAZY = {"record_routes", "sweep_ablation"}  # need torch and the envs: imported on first use

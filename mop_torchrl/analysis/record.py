@@ -51,6 +51,7 @@ from mop_torchrl.analysis.schema import (
     step_event,
     validate_episodes,
     validate_routes,
+    write_tables,
 )
 from mop_torchrl.envs import make_babyai_gym_env, resolve_level, worker_seeds
 from mop_torchrl.module import MoPModule
@@ -169,7 +170,8 @@ def record_routes(
         episodes (int): number of episodes to record.
         seed (int, optional): evaluation seed (as in :func:`~mop_torchrl.train.evaluate.
             evaluate`). Defaults to ``0``.
-        out_dir (str or Path, optional): when given, writes ``routes.csv``, ``episodes.csv`` and
+        out_dir (str or Path, optional): when given, writes ``routes.csv``, ``episodes.csv`` (and
+            ``.parquet`` twins with pyarrow installed: :func:`~mop_torchrl.analysis.write_tables`) and
             each episode's first frame ``frames/ep{e}.png`` there (``frame_path`` is relative to
             ``out_dir``: pass ``frames_root=out_dir`` to :func:`~mop_torchrl.analysis.plot_all`).
             Without it no frame is rendered and ``frame_path`` is ``""``.
@@ -302,8 +304,7 @@ def record_routes(
     validate_routes(routes, layers)
     validate_episodes(episodes_df)
     if out is not None:
-        routes.to_csv(out / "routes.csv", index=False)
-        episodes_df.to_csv(out / "episodes.csv", index=False)
+        write_tables(out, routes=routes, episodes=episodes_df)
     return routes, episodes_df
 
 

@@ -2,7 +2,8 @@
 
 The analysis layer works from two pandas tables, so that it does not depend on how they were
 recorded (a recorder running a policy in BabyAI envs fills them; :func:`synthetic_tables` makes a
-fake pair for tests and examples). Store them as CSV (``df.to_csv(path, index=False)``).
+fake pair for tests and examples). Store them with :func:`write_tables`: CSV, and Parquet (types
+kept) when pyarrow is installed.
 
 **Routes table** (one row per environment step; :func:`validate_routes`):
 
@@ -47,9 +48,9 @@ column              dtype    meaning
 ``frame_path``      str      path of the rendered first frame (PNG, whole grid); ``""`` if none
 ==================  =======  =======================================================================
 
-Extra columns are allowed in both tables. Read CSVs back with :func:`read_routes` /
-:func:`read_episodes` (plain ``pd.read_csv`` turns the empty ``event``/``frame_path`` strings
-into NaN, which :func:`validate_routes` rejects).
+Extra columns are allowed in both tables. Read them back with :func:`read_routes` /
+:func:`read_episodes` (Parquet or CSV; plain ``pd.read_csv`` turns the empty
+``event``/``frame_path`` strings into NaN, which :func:`validate_routes` rejects).
 
 Examples:
     >>> from mop_torchrl.analysis import synthetic_tables, validate_routes, mission_type
@@ -64,6 +65,7 @@ Examples:
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import re
 from collections.abc import Sequence
@@ -80,6 +82,7 @@ __all__ = [
     "ROUTE_COLUMNS",
     "block_columns",
     "mission_type",
+    "parquet_available",
     "read_episodes",
     "read_routes",
     "step_event",
@@ -87,6 +90,7 @@ __all__ = [
     "validate_episodes",
     "validate_routes",
     "weight_columns",
+    "write_tables",
 ]
 
 #: minigrid's ``Actions`` enum, by index.
@@ -322,14 +326,61 @@ def validate_routes(
             )
 
 
+def parquet_available() -> bool:
+    """Whether ``pyarrow`` is installed (``pip install 'mop_torchrl[parquet]'``)."""
+    return importlib.util.find_spec("pyarrow") is not None
+
+
+def write_tables(out_dir: str | Path, **tables: pd.DataFrame) -> list[Path]:
+    """Write each table as ``{name}.csv`` and, with pyarrow installed, ``{name}.parquet``.
+
+    Parquet keeps the column types (CSV does not: integers and strings are re-inferred when
+    read); CSV is always written, so nothing depends on pyarrow. Returns the paths written.
+
+    Examples:
+        >>> import tempfile
+        >>> routes, episodes = synthetic_tables([[0, 16]], episodes_per_level=1, seed=0)
+        >>> with tempfile.TemporaryDirectory() as out:
+        ...     names = [p.name for p in write_tables(out, routes=routes, episodes=episodes)]
+        ...     back = read_routes(Path(out) / "routes.parquet")
+        >>> names
+        ['routes.csv', 'routes.parquet', 'episodes.csv', 'episodes.parquet']
+        >>> back.equals(routes)
+        True
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for name, table in tables.items():
+        paths.append(out / f"{name}.csv")
+        table.to_csv(paths[-1], index=False)
+        if parquet_available():
+            paths.append(out / f"{name}.parquet")
+            table.to_parquet(paths[-1], index=False)
+    return paths
+
+
+def _read_table(path: str | Path, **csv_kwargs) -> pd.DataFrame:
+    if Path(path).suffix == ".parquet":
+        if not parquet_available():
+            raise ImportError(
+                f"reading {path} needs pyarrow: pip install 'mop_torchrl[parquet]' (or read the CSV)"
+            )
+        return pd.read_parquet(path)
+    return pd.read_csv(path, keep_default_na=False, **csv_kwargs)
+
+
 def read_routes(path: str | Path) -> pd.DataFrame:
-    """Read a routes table written with ``df.to_csv(path, index=False)`` (empty strings kept)."""
-    return pd.read_csv(path, keep_default_na=False, na_values={"cost": ["", "nan", "NaN"]})
+    """Read a routes table written by :func:`write_tables` (``.parquet`` or ``.csv``, by suffix).
+
+    CSV is read with the empty ``event`` strings kept (plain ``pd.read_csv`` makes them NaN).
+    """
+    return _read_table(path, na_values={"cost": ["", "nan", "NaN"]})
 
 
 def read_episodes(path: str | Path) -> pd.DataFrame:
-    """Read an episodes table written with ``df.to_csv(path, index=False)``."""
-    return pd.read_csv(path, keep_default_na=False)
+    """Read an episodes table written by :func:`write_tables` (``.parquet`` or ``.csv``)."""
+    return _read_table(path)
 
 
 def validate_episodes(df: pd.DataFrame) -> None:

@@ -196,7 +196,13 @@ def make_collector(
         )
     if config.backend == "ray":
         from torchrl.collectors.distributed import RayCollector
+        from torchrl.collectors.distributed.ray import DEFAULT_RAY_INIT_CONFIG
 
+        # ray.init(address=None) joins the cluster named by RAY_ADDRESS, else starts one; the
+        # workers' torchrl logger is set to worker_log_level (warnings still reach the driver).
+        level = config.worker_log_level
+        ray_init = {**DEFAULT_RAY_INIT_CONFIG, "logging_level": level}
+        ray_init["runtime_env"] = {"env_vars": {"RL_LOGGING_LEVEL": level.upper()}}
         return RayCollector(
             create_envs,
             policy=None,  # workers build it; push_weights sends the learner's weights
@@ -204,11 +210,24 @@ def make_collector(
             frames_per_batch=frames,
             total_frames=total_frames,
             exploration_type=exploration,
-            collector_class=Collector,
+            collector_class=_RayWorkerCollector,
             collector_kwargs=[dict(worker_kwargs) for _ in create_envs],
             sync=True,
+            ray_init_config=ray_init,
         )
     raise ValueError(f"unknown backend {config.backend!r}")
+
+
+class _RayWorkerCollector(Collector):
+    """A ``Collector`` with a one-line repr, for Ray workers.
+
+    Ray names an actor's log stream with the actor's repr, printed by the worker and used as the
+    ``(name pid=...)`` line prefix; ``Collector``'s spans ~145 lines (env, transforms, policy)
+    and reached the driver's console whole, several times per worker.
+    """
+
+    def __repr__(self) -> str:
+        return "CollectorWorker"
 
 
 def push_weights(collector: BaseCollector, actor: nn.Module, config: TrainConfig) -> None:

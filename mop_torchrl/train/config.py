@@ -49,6 +49,9 @@ class TrainConfig:
     backend: Literal["inprocess", "multiprocess", "distributed", "ray"] = "inprocess"
     """Collection backend: in this process, num_workers local processes, torch.distributed
     workers (see distributed_launcher) or a Ray cluster (the [distributed] extra)."""
+    worker_log_level: Literal["warning", "info", "debug"] = "warning"
+    """backend ray: what the workers' logs send to this console: warnings and errors only, or
+    also info/debug messages."""
     num_workers: int = 1
     """Collector workers of the multi-worker backends, num_envs // num_workers envs each."""
     distributed_launcher: Literal["mp", "submitit"] = "mp"
@@ -144,8 +147,8 @@ class TrainConfig:
     grounding probe); 0: only the final evaluation."""
     eval_interval_episodes: int = 50
     """Episodes of each evaluation during training (and bot episodes of its grounding probe)."""
-    logger: Literal["csv", "tensorboard"] = "csv"
-    """TorchRL logger for the scalars."""
+    logger: Literal["csv", "tensorboard", "wandb", "mlflow"] = "csv"
+    """TorchRL logger for the scalars (wandb runs offline; wandb/mlflow must be installed)."""
 
     def __post_init__(self) -> None:
         for field in dataclasses.fields(self):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import math
 import shutil
 import signal
@@ -48,6 +49,7 @@ RESUMABLE_CHANGES = {
     "eval_interval",
     "eval_interval_episodes",
     "logger",
+    "worker_log_level",
     "run_dir",
     "run_name",
 }
@@ -523,12 +525,21 @@ def _deferred_sigint() -> Iterator[Callable[[], bool]]:
         signal.signal(signal.SIGINT, previous)
 
 
+LOGGER_PACKAGES = {"csv": None, "tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}
+"""The ``--logger`` choices and the package each needs."""
+
+
 def make_logger(kind: str, run_dir: Path):
-    """The run's TorchRL logger (``<run_dir>/logs``)."""
-    if kind == "tensorboard":
-        from torchrl.record.loggers import TensorboardLogger
+    """The run's logger from TorchRL's own factory (``torchrl.record.loggers.get_logger``).
 
-        return TensorboardLogger(exp_name="logs", log_dir=str(run_dir))
-    from torchrl.record.loggers import CSVLogger
+    Everything lands in ``run_dir``: CSV/TensorBoard under ``logs/``, MLflow as a file store
+    (``mlflow ui --backend-store-uri <run_dir>``), W&B offline under ``wandb/`` (upload it
+    later with ``wandb sync``). A missing package is a one-line ``ImportError``.
+    """
+    package = LOGGER_PACKAGES[kind]
+    if package is not None and importlib.util.find_spec(package) is None:
+        raise ImportError(f"--logger {kind} needs the {package!r} package: pip install {package}")
+    from torchrl.record.loggers import get_logger
 
-    return CSVLogger(exp_name="logs", log_dir=str(run_dir))
+    wandb_kwargs = {"offline": True, "project": "mop_torchrl"}  # its save_dir is run_dir
+    return get_logger(kind, str(run_dir), "logs", wandb_kwargs=wandb_kwargs)
