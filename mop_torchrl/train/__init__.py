@@ -10,9 +10,7 @@ import torch
 
 from mop_torchrl.train.config import TrainConfig, load_config
 
-__all__ = ["TrainConfig", "load_config", "log_eval", "resume", "resume_config", "train"]
-
-GROUNDING_KEYS = ("label_accuracy", "label_accuracy_shuffled", "grounding_gap")
+__all__ = ["TrainConfig", "load_config", "resume", "resume_config", "train"]
 
 
 def train(config: TrainConfig, resume: bool = False, overwrite: bool = False) -> Path:
@@ -49,20 +47,8 @@ def train(config: TrainConfig, resume: bool = False, overwrite: bool = False) ->
 
         result = evaluate_checkpoint(run_dir / "checkpoint.pt", episodes=config.eval_episodes)
         (run_dir / "eval.json").write_text(json.dumps(result, indent=2))
-        log_eval(config, run_dir, result)
         print(json.dumps(result, indent=2))
     return run_dir
-
-
-def log_eval(config: TrainConfig, run_dir: Path, result: dict[str, Any]) -> None:
-    """Logs the held-out evaluation (success, return, grounding probe) beside the training
-    scalars, at the run's last update."""
-    from mop_torchrl.train.run import make_logger
-
-    logger = make_logger(config.logger, run_dir)
-    for key in ("success_rate", "mean_return", "path_ratio", "routing_cost", *GROUNDING_KEYS):
-        if isinstance(result.get(key), float | int):
-            logger.log_scalar(f"final_eval/{key}", float(result[key]), step=config.num_updates)
 
 
 def resume(run_dir: str | Path, overrides: dict[str, Any] | None = None) -> Path:
