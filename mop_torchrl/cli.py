@@ -45,12 +45,12 @@ def _train(args: argparse.Namespace) -> None:
 
 
 def _eval(args: argparse.Namespace) -> None:
-    from mop_torchrl.envs import resolve_level
+    from mop_torchrl.envs import resolve_levels
     from mop_torchrl.train.evaluate import evaluate_checkpoint
 
     if args.task_id is not None:
         try:
-            resolve_level(args.task_id)
+            resolve_levels(args.task_id)
         except ValueError as err:
             _fail("eval", err, USAGE_ERROR)
     result = evaluate_checkpoint(
@@ -66,8 +66,14 @@ def _eval(args: argparse.Namespace) -> None:
     if args.json:
         print(json.dumps(result))
     else:
+        levels = result.pop("levels", {})
         for key, value in result.items():
             print(f"{key:>16}: {value}")
+        for name, per_level in levels.items():
+            print(
+                f"{name:>24}: success {per_level['success_rate']:.3f}, return "
+                f"{per_level['mean_return']:.3f}, routing cost {per_level['routing_cost']}"
+            )
 
 
 def _demos(args: argparse.Namespace) -> None:
@@ -132,13 +138,13 @@ def _routes(args: argparse.Namespace) -> None:
 
     from mop_torchrl.analysis import parquet_available, plot_all, summarise, write_summary
     from mop_torchrl.analysis.record import mop_cores, record_routes, sweep_ablation
-    from mop_torchrl.envs import resolve_level
+    from mop_torchrl.envs import resolve_levels
     from mop_torchrl.train.evaluate import load_actor
 
     actor, config = load_actor(args.checkpoint)
     try:
         layers = [list(block) for block in mop_cores(actor)[0].config.layers]
-        level = resolve_level(args.level or config.task_id)
+        level = ",".join(resolve_levels(args.level or config.task_id))
     except ValueError as err:
         _fail("routes", err, USAGE_ERROR)
     out = Path(args.out)
@@ -173,7 +179,6 @@ def _routes(args: argparse.Namespace) -> None:
         frames_root=out,
     )
     success = routes.groupby("episode")["success"].first().mean()
-    level = str(routes["level"].iloc[0])
     print(
         f"recorded {len(episodes)} episodes ({len(routes)} steps) of {level}: success {success:.2f}"
     )
@@ -210,7 +215,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     evaluate = commands.add_parser("eval", help="evaluate a checkpoint on held-out episodes")
     evaluate.add_argument("--checkpoint", required=True, help="checkpoint.pt or its run dir")
-    evaluate.add_argument("--episodes", type=_positive_int, default=100)
+    evaluate.add_argument(
+        "--episodes", type=_positive_int, default=100, help="episodes (per level)"
+    )
     evaluate.add_argument("--seed", type=int, default=0)
     evaluate.add_argument("--num_envs", type=_positive_int, default=8)
     evaluate.add_argument(
@@ -220,7 +227,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="bot-driven episodes for the grounding probe (label accuracy with true vs "
         "shuffled missions); 0 skips it",
     )
-    evaluate.add_argument("--task_id", default=None, help="level (default: the training one)")
+    evaluate.add_argument(
+        "--task_id", default=None, help="level(s), comma-separated (default: every training level)"
+    )
     evaluate.add_argument("--threshold", type=_fraction, default=0.0, help="MoP weight threshold τ")
     evaluate.add_argument("--disable-largest", action="store_true", help="MoP: no largest expert")
     evaluate.add_argument("--json", action="store_true", help="print one JSON object")
@@ -241,9 +250,13 @@ def build_parser() -> argparse.ArgumentParser:
         "routes", help="record a MoP policy's routing on BabyAI episodes, summarise and plot it"
     )
     routes.add_argument("--checkpoint", required=True, help="checkpoint.pt or its run dir")
-    routes.add_argument("--episodes", type=_positive_int, default=10, help="episodes to record")
+    routes.add_argument(
+        "--episodes", type=_positive_int, default=10, help="episodes to record (per level)"
+    )
     routes.add_argument("--out", required=True, help="output folder")
-    routes.add_argument("--level", default=None, help="level (default: the training one)")
+    routes.add_argument(
+        "--level", default=None, help="level(s), comma-separated (default: every training level)"
+    )
     routes.add_argument("--seed", type=int, default=0)
     routes.add_argument("--threshold", type=_fraction, default=0.0, help="MoP weight threshold τ")
     routes.add_argument("--disable-largest", action="store_true", help="MoP: no largest expert")

@@ -15,6 +15,8 @@ Output keys (shapes per env; a batched env prepends ``[num_envs]``):
 - ``"direction"``: int64 ``()``, ``Categorical(4)``.
 - ``"carrying"``: int64 ``()``, 1 when the agent holds an object.
 - ``"mission"``: int64 ``(72,)``, mission token ids, 0-padded.
+- ``"level"`` (several levels only): int64 ``()``, the index of this episode's level in the
+  list given to :func:`make_babyai_env` (:class:`LevelMixture`).
 - ``"expert_action"`` (``expert=True``): int64 ``()``, the bot's action for this observation,
   ``-1`` where the bot failed; same shape and dtype as ``"action"``.
 - ``"is_init"`` bool ``(1,)``, ``"step_count"`` int64 ``(1,)``, ``"episode_reward"`` float32
@@ -42,7 +44,7 @@ import difflib
 import functools
 import io
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import gymnasium as gym
@@ -76,11 +78,14 @@ from mop_torchrl.tokenizer import MissionTokenizer
 
 __all__ = [
     "BabyAIObservation",
+    "LevelMixture",
     "babyai_levels",
     "keep_num_threads",
     "make_babyai_env",
     "make_babyai_gym_env",
+    "parse_level_weights",
     "resolve_level",
+    "resolve_levels",
     "worker_seeds",
 ]
 
@@ -147,6 +152,54 @@ def resolve_level(level: str) -> str:
     raise ValueError(f"Unknown BabyAI level {level!r}. Near matches: {hint}.")
 
 
+def resolve_levels(levels: str | Sequence[str]) -> list[str]:
+    """Registered ids for one level or several (a sequence, or one comma-separated string).
+
+    Raises:
+        ValueError: for an unknown level (naming near matches), an empty list or a repeat.
+
+    Examples:
+        >>> from mop_torchrl.envs import resolve_levels
+        >>> resolve_levels("GoToRedBall, GoToLocal")
+        ['BabyAI-GoToRedBall-v0', 'BabyAI-GoToLocal-v0']
+    """
+    names = levels.split(",") if isinstance(levels, str) else list(levels)
+    resolved = [resolve_level(name.strip()) for name in names if name.strip()]
+    if not resolved:
+        raise ValueError(f"no BabyAI level given in {levels!r}")
+    repeated = sorted({lv for lv in resolved if resolved.count(lv) > 1})
+    if repeated:
+        raise ValueError(f"level(s) {repeated} given more than once (use level weights)")
+    return resolved
+
+
+def parse_level_weights(weights: str | Sequence[float] | None, num_levels: int) -> list[float]:
+    """Per-level sampling probabilities: uniform for ``None``, else ``weights`` normalised.
+
+    Raises:
+        ValueError: when the count differs from ``num_levels`` or a weight is not a positive
+            finite number.
+
+    Examples:
+        >>> from mop_torchrl.envs import parse_level_weights
+        >>> parse_level_weights("1,3", 2), parse_level_weights(None, 4)[0]
+        ([0.25, 0.75], 0.25)
+    """
+    if weights is None:
+        return [1.0 / num_levels] * num_levels
+    items = weights.split(",") if isinstance(weights, str) else list(weights)
+    try:
+        values = [float(w) for w in items]
+    except ValueError:
+        raise ValueError(f"level weights must be numbers, got {weights!r}") from None
+    if len(values) != num_levels:
+        raise ValueError(f"{len(values)} level weights given for {num_levels} levels")
+    if not all(np.isfinite(v) and v > 0 for v in values):
+        raise ValueError(f"level weights must be positive and finite, got {weights!r}")
+    total = sum(values)
+    return [v / total for v in values]
+
+
 def worker_seeds(seed: int, num_envs: int) -> list[int]:
     """Distinct, deterministic per-env seeds derived from ``seed``.
 
@@ -161,6 +214,59 @@ def worker_seeds(seed: int, num_envs: int) -> list[int]:
     """
     children = np.random.SeedSequence(seed).spawn(num_envs)
     return [int(c.generate_state(1, dtype=np.uint32)[0]) for c in children]
+
+
+class LevelMixture(gym.Wrapper):
+    """Several BabyAI levels behind one gymnasium env: each reset draws the episode's level.
+
+    The level is drawn with ``weights`` from a generator seeded by the first seeded reset; each
+    level's env is seeded from that seed too (first use), then continues its own stream. The
+    observation gains ``"level"``, the drawn level's index. ``self.env`` (and so
+    ``unwrapped``, which the bot reads) is the current level's env. All BabyAI levels share
+    their observation and action spaces; each keeps its own ``max_steps``.
+
+    Examples:
+        >>> import gymnasium as gym
+        >>> from mop_torchrl.envs import LevelMixture
+        >>> env = LevelMixture([gym.make("BabyAI-GoToRedBall-v0"), gym.make("BabyAI-GoToLocal-v0")])
+        >>> levels = {int(env.reset(seed=i)[0]["level"]) for i in range(8)}
+        >>> sorted(levels), env.unwrapped is env.envs[env.current].unwrapped
+        ([0, 1], True)
+    """
+
+    def __init__(self, envs: Sequence[gym.Env], weights: Sequence[float] | None = None) -> None:
+        if not envs:
+            raise ValueError("LevelMixture needs at least one env")
+        super().__init__(envs[0])
+        self.envs = list(envs)
+        self.weights = np.asarray(parse_level_weights(weights, len(self.envs)))
+        self.current = 0
+        self._rng = np.random.default_rng()
+        self._pending: list[int | None] = [None] * len(self.envs)
+        self.observation_space = spaces.Dict(
+            {**envs[0].observation_space.spaces, "level": spaces.Discrete(len(self.envs))}
+        )
+
+    def reset(
+        self, *, seed: int | None = None, options: dict[str, Any] | None = None
+    ) -> tuple[dict[str, Any], dict[str, Any]]:
+        if seed is not None:
+            children = np.random.SeedSequence(seed).spawn(len(self.envs) + 1)
+            self._rng = np.random.default_rng(children[0])
+            self._pending = [int(c.generate_state(1)[0]) for c in children[1:]]
+        self.current = int(self._rng.choice(len(self.envs), p=self.weights))
+        self.env = self.envs[self.current]
+        level_seed, self._pending[self.current] = self._pending[self.current], None
+        obs, info = self.env.reset(seed=level_seed, options=options)
+        return {**obs, "level": np.int64(self.current)}, info
+
+    def step(self, action: Any) -> tuple[dict[str, Any], float, bool, bool, dict[str, Any]]:
+        obs, reward, terminated, truncated, info = self.env.step(action)
+        return {**obs, "level": np.int64(self.current)}, reward, terminated, truncated, info
+
+    def close(self) -> None:
+        for env in self.envs:
+            env.close()
 
 
 class BabyAIObservation(gym.Wrapper):
@@ -244,6 +350,8 @@ class BabyAIObservation(gym.Wrapper):
                 dtype=np.int64,
             ),
         }
+        if "level" in env.observation_space.spaces:
+            obs_spaces["level"] = env.observation_space["level"]
         if expert:
             obs_spaces["expert_action"] = spaces.Box(-1, NUM_ACTIONS - 1, (), dtype=np.int64)
         self.observation_space = spaces.Dict(obs_spaces)
@@ -275,6 +383,8 @@ class BabyAIObservation(gym.Wrapper):
             "carrying": np.int64(self.env.unwrapped.carrying is not None),
             "mission": self._mission.copy(),  # never hand out the cached array
         }
+        if "level" in obs:
+            out["level"] = np.int64(obs["level"])
         if expert_action is not None:
             out["expert_action"] = np.int64(expert_action)
         return out
@@ -328,16 +438,20 @@ class BabyAIObservation(gym.Wrapper):
 
 
 def make_babyai_gym_env(
-    level: str,
+    level: str | Sequence[str],
     seed: int | None = None,
     expert: bool = False,
     path_ratio: bool = False,
     bot_budget: int | None = DEFAULT_BOT_BUDGET,
     bot_time_limit: float | None = None,
     quiet: bool = True,
+    level_weights: str | Sequence[float] | None = None,
     **make_kwargs: Any,
 ) -> BabyAIObservation:
     """``gym.make(level)`` wrapped in :class:`BabyAIObservation` (a plain gymnasium env).
+
+    Several levels (a sequence or ``"A,B"``) are mixed by a :class:`LevelMixture` drawing one
+    per episode with ``level_weights`` (default uniform).
 
     Examples:
         >>> from mop_torchrl.envs import make_babyai_gym_env
@@ -346,7 +460,11 @@ def make_babyai_gym_env(
         >>> sorted(obs)
         ['carrying', 'direction', 'image', 'mission']
     """
-    env = gym.make(resolve_level(level), **make_kwargs)
+    levels = resolve_levels(level)
+    if len(levels) == 1:
+        env = gym.make(levels[0], **make_kwargs)
+    else:
+        env = LevelMixture([gym.make(lv, **make_kwargs) for lv in levels], level_weights)
     return BabyAIObservation(
         env,
         expert=expert,
@@ -370,7 +488,7 @@ def _info_spec(expert: bool, path_ratio: bool) -> Composite:
 
 
 def _make_torchrl_env(
-    level: str,
+    level: str | list[str],
     seed: int | None,
     expert: bool,
     path_ratio: bool,
@@ -378,6 +496,7 @@ def _make_torchrl_env(
     bot_time_limit: float | None,
     quiet: bool,
     device: str | torch.device | None,
+    level_weights: list[float] | None = None,
 ) -> GymWrapper:
     # Module-level so that functools.partial of it pickles into ParallelEnv workers.
     genv = make_babyai_gym_env(
@@ -388,6 +507,7 @@ def _make_torchrl_env(
         bot_budget=bot_budget,
         bot_time_limit=bot_time_limit,
         quiet=quiet,
+        level_weights=level_weights,
     )
     env = GymWrapper(genv, categorical_action_encoding=True, device=device)
     if expert:
@@ -403,7 +523,7 @@ def _make_torchrl_env(
 
 
 def make_babyai_env(
-    level: str,
+    level: str | Sequence[str],
     num_envs: int = 1,
     seed: int = 0,
     expert: bool = False,
@@ -415,11 +535,15 @@ def make_babyai_env(
     quiet: bool = True,
     mp_start_method: str | None = None,
     policy: nn.Module | None = None,
+    level_weights: str | Sequence[float] | None = None,
 ) -> EnvBase:
     """A TorchRL env for a BabyAI level, optionally batched and labelled by the bot.
 
     Args:
-        level (str): a registered ``BabyAI-*`` id, or its short form (``"GoToRedBall"``).
+        level (str or list of str): a registered ``BabyAI-*`` id, or its short form
+            (``"GoToRedBall"``). Several levels (a list, or ``"GoToRedBall,GoToLocal"``): each
+            env draws its level per episode (:class:`LevelMixture`) and the observation gains
+            ``"level"``, the level's index in this list.
         num_envs (int, optional): number of envs. ``1`` gives an unbatched env; more gives a
             :class:`~torchrl.envs.ParallelEnv` (``parallel=True``) or
             :class:`~torchrl.envs.SerialEnv` of batch size ``[num_envs]``. Defaults to ``1``.
@@ -444,6 +568,8 @@ def make_babyai_env(
             (:func:`~torchrl.modules.utils.get_primers_from_module`) are appended to the env, as
             TorchRL's ``GymEnv(..., policy=policy)`` does, so that ``env.rollout(n, policy)``
             carries its hidden state. Defaults to ``None``.
+        level_weights (str or list of float, optional): the levels' sampling weights
+            (normalised); default uniform.
 
     Returns:
         a :class:`~torchrl.envs.TransformedEnv` with ``InitTracker``, ``StepCounter`` and
@@ -464,12 +590,13 @@ def make_babyai_env(
     """
     if num_envs < 1:
         raise ValueError(f"num_envs must be >= 1, got {num_envs}")
-    level = resolve_level(level)
+    levels = resolve_levels(level)
+    weights = parse_level_weights(level_weights, len(levels))
     seeds = worker_seeds(seed, num_envs)
     factories = [
         functools.partial(
             _make_torchrl_env,
-            level=level,
+            level=levels if len(levels) > 1 else levels[0],
             seed=s,
             expert=expert,
             path_ratio=path_ratio,
@@ -477,6 +604,7 @@ def make_babyai_env(
             bot_time_limit=bot_time_limit,
             quiet=quiet,
             device=None if num_envs > 1 else device,
+            level_weights=weights if len(levels) > 1 else None,
         )
         for s in seeds
     ]

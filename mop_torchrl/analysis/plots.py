@@ -31,6 +31,7 @@ from matplotlib.patches import Patch
 
 from mop_torchrl.analysis.schema import ACTION_NAMES, block_columns
 from mop_torchrl.analysis.summary import ALL, cost_summary, entropy_summary, utilisation
+from mop_torchrl.levels import level_name
 
 __all__ = [
     "ABLATION_COLUMNS",
@@ -61,11 +62,6 @@ def _color(expert: int) -> tuple[float, float, float]:
 
 def _expert_label(size: int, expert: int) -> str:
     return f"e{expert}: identity" if size == 0 else f"e{expert}: d={size}"
-
-
-def _short(level: str) -> str:
-    text = level.removeprefix("BabyAI-").removeprefix("MiniGrid-")
-    return text.rsplit("-v", 1)[0] if "-v" in text else text
 
 
 def _save(fig: Figure, out_path: str | Path) -> Path:
@@ -294,7 +290,7 @@ def plot_timeline(
     row = ep.iloc[0]
     outcome = "success" if int(row["success"]) else "failure"
     fig.suptitle(
-        f'{_short(str(row["level"]))}, episode {episode}: "{row["mission"]}"\n'
+        f'{level_name(str(row["level"]))}, episode {episode}: "{row["mission"]}"\n'
         f"{outcome}, return {float(row['episode_return']):.3f}, {len(ep)} steps"
         + ("; red action = differs from bot" if wrong.any() and len(ep) <= 60 else ""),
         fontsize=9,
@@ -343,7 +339,7 @@ def plot_utilisation(
                 )
             ax.set_ylim(0, 1)
             ax.set_xticks(x)
-            ax.set_xticklabels([_short(g) for g in groups], rotation=20, fontsize=8)
+            ax.set_xticklabels([level_name(g) for g in groups], rotation=20, fontsize=8)
             ax.set_ylabel(metric.replace("_", " "), fontsize=8)
             if row == 0:
                 ax.set_title(f"block {block}", fontsize=9)
@@ -380,7 +376,7 @@ def plot_entropy(
         ax.axhline(np.log(len(sizes)), color="gray", linestyle="--", label=f"log {len(sizes)}")
         ax.set_ylim(0, np.log(len(sizes)) * 1.35)
         ax.set_xticks(x)
-        ax.set_xticklabels([_short(g) for g in groups], rotation=20, fontsize=8)
+        ax.set_xticklabels([level_name(g) for g in groups], rotation=20, fontsize=8)
         ax.set_ylabel("entropy (nats)", fontsize=8)
         ax.set_title(f"block {block}", fontsize=9)
         ax.legend(fontsize=7, frameon=False, loc="upper center", ncol=3)
@@ -411,7 +407,7 @@ def plot_cost(routes_df: pd.DataFrame, out_path: str | Path) -> Path:
                 fontsize=7,
             )
         ax.set_xticks(x)
-        ax.set_xticklabels([_short(g) for g in sub[by]], rotation=20, fontsize=8)
+        ax.set_xticklabels([level_name(g) for g in sub[by]], rotation=20, fontsize=8)
         ax.set_ylabel("mean routing cost", fontsize=8)
         ax.set_title(f"by {by.replace('_', ' ')}", fontsize=9)
         ax.margins(y=0.1)
@@ -507,7 +503,7 @@ def plot_all(
         return int(known["grid_width"].max()), int(known["grid_height"].max())
 
     for level, rows in routes_df.groupby("level", sort=True):
-        name = "".join(c if c.isalnum() or c in "-_" else "_" for c in _short(str(level)))
+        name = "".join(c if c.isalnum() or c in "-_" else "_" for c in level_name(str(level)))
         paths.append(
             plot_spatial(
                 rows,

@@ -53,7 +53,7 @@ from mop_torchrl.analysis.schema import (
     validate_routes,
     write_tables,
 )
-from mop_torchrl.envs import make_babyai_gym_env, resolve_level, worker_seeds
+from mop_torchrl.envs import make_babyai_gym_env, resolve_levels, worker_seeds
 from mop_torchrl.module import MoPModule
 
 __all__ = ["FRAMES_DIR", "mop_cores", "record_routes", "sweep_ablation"]
@@ -147,7 +147,7 @@ def _observation_td(obs: dict[str, Any], is_init: bool) -> TensorDict:
 @torch.no_grad()
 def record_routes(
     actor: nn.Module,
-    level: str,
+    level: str | Sequence[str],
     episodes: int,
     seed: int = 0,
     out_dir: str | Path | None = None,
@@ -166,8 +166,9 @@ def record_routes(
     Args:
         actor (nn.Module): a policy from ``make_policy("mop", ...)`` (or
             :func:`~mop_torchrl.train.evaluate.load_actor`).
-        level (str): a BabyAI level id or short name (``"GoToRedBall"``).
-        episodes (int): number of episodes to record.
+        level (str or list of str): a BabyAI level id or short name (``"GoToRedBall"``), or
+            several (a list, or ``"GoToRedBall,GoToLocal"``): each is recorded in turn.
+        episodes (int): number of episodes to record (per level).
         seed (int, optional): evaluation seed (as in :func:`~mop_torchrl.train.evaluate.
             evaluate`). Defaults to ``0``.
         out_dir (str or Path, optional): when given, writes ``routes.csv``, ``episodes.csv`` (and
@@ -204,101 +205,28 @@ def record_routes(
         raise ValueError(f"episodes must be >= 1, got {episodes}")
     core = cores[0]  # the actor's recurrent core (make_policy builds exactly one)
     layers = [list(block) for block in core.config.layers]
-    level = resolve_level(level)
+    levels = resolve_levels(level)
     from mop_torchrl.train.evaluate import EVAL_SEED_OFFSET
 
     make_kwargs = {} if max_steps is None else {"max_steps": max_steps}
-    env = make_babyai_gym_env(
-        level, seed=worker_seeds(seed + EVAL_SEED_OFFSET, 1)[0], expert=True, **make_kwargs
-    )
-    base = env.unwrapped
     out = Path(out_dir) if out_dir is not None else None
     if out is not None:
         (out / FRAMES_DIR).mkdir(parents=True, exist_ok=True)
     rows: list[dict[str, Any]] = []
     episode_rows: list[dict[str, Any]] = []
-    try:
-        with (
-            _eval_mode(actor),
-            _knobs(cores, weight_threshold, disable_largest),
-            set_interaction_type(InteractionType.DETERMINISTIC),
-        ):
-            for episode in range(episodes):
-                obs, _ = env.reset()
-                mission = str(base.mission)
-                kind = mission_type(mission)
-                frame_path = ""
-                if out is not None:
-                    frame = base.get_frame(highlight=False, tile_size=tile_size)
-                    frame_path = f"{FRAMES_DIR}/ep{episode}.png"
-                    _save_png(frame, out / frame_path)
-                start_x, start_y = _start_room(base)
-                episode_rows.append(
-                    {
-                        "episode": episode,
-                        "level": level,
-                        "mission": mission,
-                        "grid_width": int(base.width),
-                        "grid_height": int(base.height),
-                        "start_room_x": start_x,
-                        "start_room_y": start_y,
-                        "objects": json.dumps(_objects(base.grid)),
-                        "frame_path": frame_path,
-                    }
-                )
-                td = _observation_td(obs, True).update(core.initial_state(()))
-                first, total, done, success = len(rows), 0.0, False, False
-                step = 0
-                while not done:
-                    td = actor(td)
-                    action = int(td["action"])
-                    routing = core.routing_info(td)
-                    x, y = (int(v) for v in base.agent_pos)
-                    carrying_before = base.carrying is not None
-                    front_before, door_before = _front(base)
-                    row = {
-                        "level": level,
-                        "mission": mission,
-                        "mission_type": kind,
-                        "episode": episode,
-                        "step": step,
-                        "agent_x": x,
-                        "agent_y": y,
-                        "direction": int(base.agent_dir),
-                        "carrying": int(carrying_before),
-                        "action": action,
-                        "expert_action": int(obs["expert_action"]),
-                    }
-                    for b in range(len(layers)):
-                        weights = routing[f"block{b}"].reshape(-1).tolist()
-                        row.update({f"w{b}_{i}": float(w) for i, w in enumerate(weights)})
-                    row["cost"] = float(routing["cost"].sum())
-                    obs, reward, terminated, truncated, info = env.step(action)
-                    done = bool(terminated or truncated)
-                    success = bool(info["success"])
-                    front_after, door_after = _front(base)
-                    row["event"] = step_event(
-                        action,
-                        carrying_before,
-                        base.carrying is not None,
-                        door_changed=door_before is not None and door_after != door_before,
-                        toggled_other=door_before is None and front_after is not front_before,
-                        success=success,
-                    )
-                    row["reward"] = float(reward)
-                    rows.append(row)
-                    total += float(reward)
-                    step += 1
-                    if not done:
-                        # step_mdp: the next step starts from the states this one wrote.
-                        nxt = _observation_td(obs, False)
-                        for key in core.state_keys:
-                            nxt.set(key, td.get(("next", *key)))
-                        td = nxt
-                for row in rows[first:]:
-                    row.update(success=int(success), episode_return=total, episode_length=step)
-    finally:
-        env.close()
+    with (
+        _eval_mode(actor),
+        _knobs(cores, weight_threshold, disable_largest),
+        set_interaction_type(InteractionType.DETERMINISTIC),
+    ):
+        for level in levels:
+            env = make_babyai_gym_env(
+                level, seed=worker_seeds(seed + EVAL_SEED_OFFSET, 1)[0], expert=True, **make_kwargs
+            )
+            try:
+                _record_level(actor, core, env, episodes, rows, episode_rows, out, tile_size)
+            finally:
+                env.close()
     routes = pd.DataFrame(rows)
     episodes_df = pd.DataFrame(episode_rows)
     validate_routes(routes, layers)
@@ -306,6 +234,97 @@ def record_routes(
     if out is not None:
         write_tables(out, routes=routes, episodes=episodes_df)
     return routes, episodes_df
+
+
+def _record_level(
+    actor: nn.Module,
+    core: MoPModule,
+    env: Any,
+    episodes: int,
+    rows: list[dict[str, Any]],
+    episode_rows: list[dict[str, Any]],
+    out: Path | None,
+    tile_size: int,
+) -> None:
+    """Appends ``episodes`` recorded episodes of ``env`` (one level) to the tables; episode ids
+    continue after the ones already there."""
+    layers = [list(block) for block in core.config.layers]
+    base = env.unwrapped
+    level = env.spec.id
+    for episode in range(len(episode_rows), len(episode_rows) + episodes):
+        obs, _ = env.reset()
+        mission = str(base.mission)
+        kind = mission_type(mission)
+        frame_path = ""
+        if out is not None:
+            frame = base.get_frame(highlight=False, tile_size=tile_size)
+            frame_path = f"{FRAMES_DIR}/ep{episode}.png"
+            _save_png(frame, out / frame_path)
+        start_x, start_y = _start_room(base)
+        episode_rows.append(
+            {
+                "episode": episode,
+                "level": level,
+                "mission": mission,
+                "grid_width": int(base.width),
+                "grid_height": int(base.height),
+                "start_room_x": start_x,
+                "start_room_y": start_y,
+                "objects": json.dumps(_objects(base.grid)),
+                "frame_path": frame_path,
+            }
+        )
+        td = _observation_td(obs, True).update(core.initial_state(()))
+        first, total, done, success = len(rows), 0.0, False, False
+        step = 0
+        while not done:
+            td = actor(td)
+            action = int(td["action"])
+            routing = core.routing_info(td)
+            x, y = (int(v) for v in base.agent_pos)
+            carrying_before = base.carrying is not None
+            front_before, door_before = _front(base)
+            row = {
+                "level": level,
+                "mission": mission,
+                "mission_type": kind,
+                "episode": episode,
+                "step": step,
+                "agent_x": x,
+                "agent_y": y,
+                "direction": int(base.agent_dir),
+                "carrying": int(carrying_before),
+                "action": action,
+                "expert_action": int(obs["expert_action"]),
+            }
+            for b in range(len(layers)):
+                weights = routing[f"block{b}"].reshape(-1).tolist()
+                row.update({f"w{b}_{i}": float(w) for i, w in enumerate(weights)})
+            row["cost"] = float(routing["cost"].sum())
+            obs, reward, terminated, truncated, info = env.step(action)
+            done = bool(terminated or truncated)
+            success = bool(info["success"])
+            front_after, door_after = _front(base)
+            row["event"] = step_event(
+                action,
+                carrying_before,
+                base.carrying is not None,
+                door_changed=door_before is not None and door_after != door_before,
+                toggled_other=door_before is None and front_after is not front_before,
+                success=success,
+            )
+            row["reward"] = float(reward)
+            rows.append(row)
+            total += float(reward)
+            step += 1
+            if not done:
+                # step_mdp: the next step starts from the states this one wrote.
+                nxt = _observation_td(obs, False)
+                for key in core.state_keys:
+                    nxt.set(key, td.get(("next", *key)))
+                td = nxt
+        for row in rows[first:]:
+            row.update(success=int(success), episode_return=total, episode_length=step)
 
 
 def _save_png(frame: np.ndarray, path: Path) -> None:

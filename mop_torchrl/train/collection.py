@@ -81,6 +81,7 @@ def env_factory(
         expert=expert,
         parallel=config.env_batching == "parallel",
         path_ratio=expert,
+        level_weights=config.level_weights,
     )
 
 

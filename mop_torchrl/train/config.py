@@ -32,7 +32,10 @@ class TrainConfig:
     algo: Literal["imitation", "bc", "ppo"] = "imitation"
     """imitation: online DAgger with bot labels; bc: behaviour cloning from demos; ppo: RL."""
     task_id: str = "BabyAI-GoToRedBall-v0"
-    """BabyAI level (gymnasium id, or its short name such as GoToLocal)."""
+    """BabyAI level (gymnasium id, or its short name such as GoToLocal); several levels as
+    "GoToRedBall,GoToLocal" (or a YAML list): each env draws its level per episode."""
+    level_weights: str | None = None
+    """Sampling weights of the task_id levels, e.g. "1,1,2" (or a YAML list); default uniform."""
     policy: Literal["mop", "gru"] = "mop"
     """Recurrent core: Mixture-of-Pathways or the GRU baseline."""
     seed: int = 0
@@ -243,8 +246,16 @@ class TrainConfig:
         return EncoderConfig(image_channels=self.image_channels, instr_dim=self.instr_dim)
 
     @property
+    def levels(self) -> list[str]:
+        """The ``task_id`` levels as given (one, or several for multi-level training)."""
+        return [name.strip() for name in self.task_id.split(",") if name.strip()]
+
+    @property
     def name(self) -> str:
-        level = self.task_id.removeprefix("BabyAI-").removesuffix("-v0")
+        levels = self.levels
+        level = levels[0].removeprefix("BabyAI-").removesuffix("-v0")
+        if len(levels) > 1:
+            level = f"{len(levels)}levels"
         return self.run_name or f"{self.algo}-{self.policy}-{level}-s{self.seed}"
 
     def to_dict(self) -> dict[str, Any]:
@@ -257,6 +268,10 @@ class TrainConfig:
         if unknown:
             raise ValueError(f"unknown config keys {unknown}")
         return cls(**data)
+
+
+_LIST_KEYS = ("task_id", "level_weights")
+"""String keys that also accept a YAML list, stored comma-separated."""
 
 
 def _coerce(field: dataclasses.Field, value: Any) -> Any:
@@ -281,6 +296,8 @@ def _coerce(field: dataclasses.Field, value: Any) -> Any:
             return value
         elif option is str and field.name == "mop_layers" and isinstance(value, list):
             return format_layers(parse_layers(value))  # the YAML list form
+        elif option is str and field.name in _LIST_KEYS and isinstance(value, list):
+            return ",".join(str(item) for item in value)  # the YAML list form
     expected = " or ".join(
         repr(list(typing.get_args(o))) if typing.get_origin(o) is Literal else o.__name__
         for o in options

@@ -21,7 +21,8 @@ from torchrl.collectors import Collector
 from torchrl.modules import set_recurrent_mode
 
 from mop_torchrl.demos import BotActor
-from mop_torchrl.envs import keep_num_threads, make_babyai_env, resolve_level
+from mop_torchrl.envs import keep_num_threads, make_babyai_env, resolve_levels
+from mop_torchrl.levels import level_name
 from mop_torchrl.module import MoPModule
 from mop_torchrl.train.checkpoint import CheckpointError, load_checkpoint
 from mop_torchrl.train.config import TrainConfig
@@ -54,13 +55,18 @@ def load_actor(checkpoint: str | Path) -> tuple[nn.Module, TrainConfig]:
 @torch.no_grad()
 def evaluate(
     actor: nn.Module,
-    task_id: str,
+    task_id: str | list[str],
     episodes: int = 100,
     seed: int = 0,
     num_envs: int = 8,
     parallel: bool = False,
 ) -> dict[str, Any]:
     """Runs ``episodes`` greedy episodes and reports BabyAI's metrics.
+
+    Several levels (``"GoToRedBall,GoToLocal"`` or a list) are evaluated one after the other,
+    ``episodes`` each: ``result["levels"]`` maps each level's short name to its own result,
+    and the top-level rates, returns, path ratio and routing cost are the means over levels
+    (each level counts once, whatever its episode lengths).
 
     Each env contributes its first ``episodes / num_envs`` episodes (rounded up, then the first
     ``episodes`` kept in env order), so short episodes are not over-counted. Metrics: success
@@ -77,6 +83,29 @@ def evaluate(
     """
     if episodes < 1 or num_envs < 1:
         raise ValueError(f"episodes and num_envs must be >= 1, got {episodes}, {num_envs}")
+    levels = resolve_levels(task_id)
+    if len(levels) == 1:
+        return _evaluate_level(actor, levels[0], episodes, seed, num_envs, parallel)
+    results = {
+        level_name(level): _evaluate_level(actor, level, episodes, seed, num_envs, parallel)
+        for level in levels
+    }
+    return {"task_id": ",".join(levels), **_mean_over_levels(results), "levels": results}
+
+
+def _mean_over_levels(results: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key in ("success_rate", "mean_return", "mean_length", "path_ratio", "routing_cost"):
+        values = [r[key] for r in results.values() if r[key] is not None]
+        out[key] = sum(values) / len(values) if values else None
+    for key in ("episodes", "bot_failures", "bot_errors", "frames", "wall_s"):
+        out[key] = sum(r[key] for r in results.values())
+    return out
+
+
+def _evaluate_level(
+    actor: nn.Module, task_id: str, episodes: int, seed: int, num_envs: int, parallel: bool
+) -> dict[str, Any]:
     num_envs = min(num_envs, episodes)
     per_env = -(-episodes // num_envs)
     env = make_babyai_env(
@@ -177,12 +206,13 @@ def evaluate_checkpoint(
 
 
 @torch.no_grad()
-def bot_episodes(task_id: str, episodes: int = 64, seed: int = 0) -> TensorDictBase:
+def bot_episodes(task_id: str | list[str], episodes: int = 64, seed: int = 0) -> TensorDictBase:
     """``episodes`` held-out episodes driven by the bot, one per row: ``[episodes, max_steps]``.
 
     ``"mask"`` is ``True`` on each row's first episode (steps after it ends are padding);
     ``expert_action`` holds the bot's labels, ``is_init`` is ``True`` at ``t = 0``. Levels whose
-    ``max_steps`` varies by mission (BossLevel) are cut at the first episode's.
+    ``max_steps`` varies by mission (BossLevel) are cut at the first episode's. With several
+    levels each row draws its own (``"level"``) and rows last the longest level's ``max_steps``.
 
     Examples:
         >>> data = bot_episodes("GoToRedBall", episodes=2)
@@ -191,12 +221,14 @@ def bot_episodes(task_id: str, episodes: int = 64, seed: int = 0) -> TensorDictB
     """
     if episodes < 1:
         raise ValueError(f"episodes must be >= 1, got {episodes}")
-    level = resolve_level(task_id)
-    sizer = gym.make(level).unwrapped
-    sizer.reset(seed=seed)  # levels set max_steps when they generate a mission
-    max_steps = sizer.max_steps
+    levels = resolve_levels(task_id)
+    max_steps = 0
+    for level in levels:
+        sizer = gym.make(level).unwrapped
+        sizer.reset(seed=seed)  # levels set max_steps when they generate a mission
+        max_steps = max(max_steps, sizer.max_steps)
     env = make_babyai_env(
-        level, num_envs=episodes, seed=seed + PROBE_SEED_OFFSET, expert=True, parallel=False
+        levels, num_envs=episodes, seed=seed + PROBE_SEED_OFFSET, expert=True, parallel=False
     )
     try:
         data = env.rollout(max_steps, BotActor(seed), break_when_any_done=False)

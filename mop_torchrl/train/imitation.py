@@ -132,5 +132,5 @@ def train_imitation(config: TrainConfig, resume: bool = False) -> Path:
         return metrics
 
     batches = segment_batches(policy, config, run.start_update, expert=True)
-    run.fit(batches, train_step, modules, optimizer, EpisodeStats())
+    run.fit(batches, train_step, modules, optimizer, EpisodeStats(levels=config.levels))
     return run.dir

@@ -84,5 +84,5 @@ def train_ppo(config: TrainConfig, resume: bool = False) -> Path:
         return metrics
 
     batches = segment_batches(actor, config, run.start_update, expert=False, salt=1)
-    run.fit(batches, train_step, modules, optimizer, EpisodeStats())
+    run.fit(batches, train_step, modules, optimizer, EpisodeStats(levels=config.levels))
     return run.dir

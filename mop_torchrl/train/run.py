@@ -11,7 +11,7 @@ import tempfile
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +21,7 @@ from tensordict import TensorDictBase
 from torch import nn
 from tqdm.auto import tqdm
 
+from mop_torchrl.levels import level_name
 from mop_torchrl.policies import make_policy
 from mop_torchrl.train.checkpoint import (
     CheckpointError,
@@ -79,15 +80,29 @@ def build_policy(config: TrainConfig) -> tuple[nn.Module, nn.Module]:
 
 
 class EpisodeStats:
-    """Recent finished episodes (success, return, length, path ratio, bot failures)."""
+    """Recent finished episodes (success, return, length, path ratio, bot failures).
 
-    def __init__(self, window: int = 100) -> None:
+    With ``levels`` (multi-level runs, whose data carry ``"level"``) the summary also reports
+    each level's episodes (``episode/<level>/<metric>``, a window per level) and its mean
+    routing cost per step over the last batches (``routing/<level>/cost``, MoP policies).
+    """
+
+    def __init__(self, window: int = 100, levels: Sequence[str] = ()) -> None:
+        self.window = window
         self.episodes: deque[dict[str, float]] = deque(maxlen=window)
+        self.levels = [level_name(level) for level in levels] if len(levels) > 1 else []
+        self.per_level = [deque(maxlen=window) for _ in self.levels]
+        self.level_cost = [deque(maxlen=10) for _ in self.levels]
         self.total = 0
 
     def add(self, data: TensorDictBase) -> None:
         """Adds the episodes that end inside a collected batch."""
         nxt = data["next"]
+        if self.levels and ("routing", "cost") in data.keys(True):
+            level, cost = data["level"].reshape(-1), data["routing", "cost"].reshape(-1)
+            for i, costs in enumerate(self.level_cost):
+                if (level == i).any():
+                    costs.append(cost[level == i].mean().item())
         done = nxt["done"].reshape(-1)
         if not done.any():
             return
@@ -114,16 +129,31 @@ class EpisodeStats:
             if key in flat:
                 rows[key] = flat[key]
         values = {k: v[done].tolist() for k, v in rows.items()}
+        levels = nxt["level"].reshape(-1)[done].tolist() if self.levels else []
         for i in range(int(done.sum())):
-            self.episodes.append({k: v[i] for k, v in values.items()})
+            episode = {k: v[i] for k, v in values.items()}
+            self.episodes.append(episode)
+            if self.levels:
+                self.per_level[levels[i]].append(episode)
         self.total += int(done.sum())
 
     def summary(self) -> dict[str, float]:
-        if not self.episodes:
-            return {}
-        keys = self.episodes[0].keys()
-        out = {f"episode/{k}": sum(e[k] for e in self.episodes) / len(self.episodes) for k in keys}
-        out["episode/count"] = float(self.total)
+        out = {}
+        for prefix, episodes in [
+            ("episode", self.episodes),
+            *((f"episode/{n}", e) for n, e in zip(self.levels, self.per_level)),
+        ]:
+            for key in ("success", "return", "length", "path_ratio") if episodes else ():
+                if key in episodes[0]:
+                    out[f"{prefix}/{key}"] = sum(e[key] for e in episodes) / len(episodes)
+        if self.episodes:
+            for key in ("bot_failures", "bot_errors"):
+                if key in self.episodes[0]:
+                    out[f"episode/{key}"] = sum(e[key] for e in self.episodes) / len(self.episodes)
+            out["episode/count"] = float(self.total)
+        for name, costs in zip(self.levels, self.level_cost):
+            if costs:
+                out[f"routing/{name}/cost"] = sum(costs) / len(costs)
         return out
 
 
@@ -230,6 +260,9 @@ class Run:
         result = evaluate(actor, config.task_id, config.eval_interval_episodes, config.seed)
         result.update(grounding_probe(actor, self._probe))
         metrics = {f"eval/{key}": value for key, value in result.items() if key in _EVAL_KEYS}
+        for name, per_level in result.get("levels", {}).items():
+            for key in ("success_rate", "mean_return", "path_ratio", "routing_cost"):
+                metrics[f"eval/{name}/{key}"] = per_level[key]
         metrics["perf/eval_s"] = time.perf_counter() - start
         return metrics
 
@@ -410,12 +443,14 @@ def validate_start(
     Raises:
         RunError, CheckpointError, DemoError, ValueError: naming what is wrong (one line).
     """
-    from mop_torchrl.envs import resolve_level
+    from mop_torchrl.envs import parse_level_weights, resolve_level, resolve_levels
 
     try:
-        level = resolve_level(config.task_id)
+        levels = resolve_levels(config.task_id)
+        parse_level_weights(config.level_weights, len(levels))
     except ValueError as err:
-        raise RunError(str(err)) from None
+        raise RunError(f"config key 'task_id'/'level_weights': {err}") from None
+    level = ",".join(levels)
     if config.algo == "bc":
         from mop_torchrl.demos import DemoError, open_demos
 
