@@ -98,6 +98,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--tau", type=float, default=0.01, help="target network soft update")
     parser.add_argument("--alpha", type=float, default=MOP.alpha, help="routing cost weight")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--max_wall_s", type=float, default=None, help="stop early (results kept) after this"
+    )
     parser.add_argument("--out", help="write the learning curve and routing here (JSON)")
     return parser.parse_args(argv)
 
@@ -135,7 +138,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     buffer = TensorDictReplayBuffer(
         storage=LazyTensorStorage(args.buffer_size, ndim=2),
         sampler=SliceSampler(
-            slice_len=args.slice_len, end_key=("next", "done"), strict_length=False
+            slice_len=args.slice_len, end_key=("next", "done"), strict_length=True
         ),
         batch_size=args.slice_len * args.slices,
     )
@@ -146,6 +149,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     curve, losses, routing = [], [], []
     frames, start = 0, time.perf_counter()
     for batch in collector:  # [env, time]
+        if args.max_wall_s is not None and time.perf_counter() - start > args.max_wall_s:
+            break
         frames += batch.numel()
         explore.step(batch.numel())
         buffer.extend(batch)
@@ -161,7 +166,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
             continue
         for _ in range(args.updates_per_batch):
             costs.clear()
-            loss = loss_fn(buffer.sample())["loss"]
+            # [slices, time]: each row starts from its stored state (a flat sample would be
+            # replayed as one long sequence crossing the slice boundaries).
+            sample = buffer.sample().reshape(args.slices, args.slice_len)
+            loss = loss_fn(sample)["loss"]
             if costs:
                 loss = routing_cost_loss(loss, torch.cat([c.flatten() for c in costs]), args.alpha)
             optimizer.zero_grad()
@@ -184,6 +192,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         "core": args.core,
         "seed": args.seed,
         "frames": frames,
+        "stopped_early": frames < args.frames,
         "wall_s": time.perf_counter() - start,
         "params": sum(p.numel() for p in core.parameters()),
         "curve": curve,
