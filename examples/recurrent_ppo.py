@@ -1,13 +1,17 @@
-"""Recurrent PPO on a partially observable Pendulum, with a MoP, GRU or LSTM core.
+"""Recurrent PPO on a partially observable Pendulum or CartPole, with a MoP, GRU or LSTM core.
 
-    python examples/recurrent_ppo.py --core mop --frames 200000
-    python examples/recurrent_ppo.py --core gru --frames 200000 --out ppo_gru.json
+    python examples/recurrent_ppo.py --core mop
+    python examples/recurrent_ppo.py --core gru --env cartpole --out ppo_gru.json
 
 Pendulum with only the angle observed (``cos θ, sin θ``; the angular velocity is removed by a
 TorchRL ``UnaryTransform`` on gymnasium's ``Pendulum-v1``), so the velocity has to be inferred
-from memory. A ``TanhNormal`` actor and a value head share an encoder and the recurrent core;
-the loss is TorchRL's ``ClipPPOLoss`` on whole per-env sequences (it enters recurrent mode by
-itself) with advantages from ``GAE``, which does not: it runs inside ``set_recurrent_mode(True)``.
+from memory; ``--env cartpole``: ``CartPole-v1`` observing the cart position and the pole angle
+only, as in ``recurrent_dqn.py``. A ``TanhNormal`` (Pendulum) or categorical (CartPole) actor
+and a value head share an encoder and the recurrent core; the loss is TorchRL's ``ClipPPOLoss``
+on whole per-env sequences (it enters recurrent mode by itself) with advantages from ``GAE``,
+which does not: it runs inside ``set_recurrent_mode(True)``. Each task has its own defaults
+(``DEFAULTS``, after the recurrent-PPO settings of the RL Baselines3 Zoo for these masked tasks,
+with fewer epochs on Pendulum to fit a CPU budget); any flag overrides them.
 
 ``GAE(..., deactivate_vmap=True)``: a recurrent critic fails under ``vmap`` in torchrl 0.14 (the
 GRU/LSTM modules too). Once ``MoPModule`` is vmappable (issue 13) the MoP core can drop the flag
@@ -25,7 +29,9 @@ from collections.abc import Sequence
 import torch
 from tensordict.nn import NormalParamExtractor, TensorDictModule, TensorDictSequential
 from torch import nn
+from torch.distributions import Categorical
 from torchrl.collectors import Collector
+from torchrl.data import Categorical as CategoricalSpec
 from torchrl.envs import (
     Compose,
     GymEnv,
@@ -49,13 +55,46 @@ MOP = MoPConfig.from_preset("paper", input_dim=64, router_dim=16)  # layers "0,1
 BASELINE_HIDDEN = {"mop": 0, "gru": 120, "lstm": 100}
 
 
-def make_env(num_envs: int, seed: int) -> TransformedEnv:
-    """``num_envs`` Pendulums observing ``cos θ, sin θ`` only; rewards scaled by 0.1 for the
-    critic, ``episode_reward`` unscaled."""
+# task: (gymnasium id, observation entries kept)
+TASKS = {"pendulum": ("Pendulum-v1", [0, 1]), "cartpole": ("CartPole-v1", [0, 2])}
+# Per-task defaults of the flags below (None there); a flag given on the command line wins.
+# CartPole follows the RL Zoo's recurrent PPO for CartPoleNoVel (8 envs x 32 steps, one
+# minibatch, gamma 0.98, lambda 0.8, lr 1e-3 annealed) with 10 epochs instead of 20; Pendulum
+# has 16 envs x 64 steps in 4 minibatches, 5 epochs (the Zoo's PendulumNoVel: 10 epochs of
+# 32 minibatches on 4 envs x 1024 steps). Both sized so that a MoP run takes about 5 minutes
+# of one CPU core (more updates cost the MoP core more than env steps do).
+DEFAULTS = {
+    "pendulum": {
+        "frames": 250_000,
+        "num_envs": 16,
+        "steps_per_batch": 64,
+        "epochs": 5,
+        "minibatches": 4,
+        "lr": 1e-3,
+        "gamma": 0.9,
+        "lmbda": 0.95,
+    },
+    "cartpole": {
+        "frames": 200_000,
+        "num_envs": 8,
+        "steps_per_batch": 32,
+        "epochs": 10,
+        "minibatches": 1,
+        "lr": 1e-3,
+        "gamma": 0.98,
+        "lmbda": 0.8,
+    },
+}
+
+
+def make_env(task: str, num_envs: int, seed: int) -> TransformedEnv:
+    """``num_envs`` masked Pendulums (``cos θ, sin θ`` only) or CartPoles (cart position and
+    pole angle only); rewards scaled by 0.1 for the critic, ``episode_reward`` unscaled."""
+    env_id, kept = TASKS[task]
     env = TransformedEnv(
-        SerialEnv(num_envs, lambda: GymEnv("Pendulum-v1")),
+        SerialEnv(num_envs, lambda: GymEnv(env_id, categorical_action_encoding=True)),
         Compose(
-            UnaryTransform(["observation"], ["observation"], fn=lambda obs: obs[..., :2]),
+            UnaryTransform(["observation"], ["observation"], fn=lambda obs: obs[..., kept]),
             InitTracker(),
             StepCounter(),
             RewardSum(),
@@ -69,23 +108,30 @@ def make_env(num_envs: int, seed: int) -> TransformedEnv:
 def make_actor_critic(
     core_kind: str, env: TransformedEnv
 ) -> tuple[ProbabilisticActor, TensorDictSequential, nn.Module]:
-    """``observation → Linear+ReLU → core`` shared by a ``TanhNormal`` actor and a value head."""
+    """``observation → Linear+ReLU → core`` shared by the actor (``TanhNormal`` for continuous
+    actions, categorical logits for discrete ones) and a value head."""
     encoder = TensorDictModule(
         nn.Sequential(nn.Linear(2, 64), nn.ReLU()), ["observation"], ["embed"]
     )
     core, width = make_core(core_kind, 64, mop=MOP, gru_hidden_size=BASELINE_HIDDEN[core_kind])
     action_spec = env.action_spec_unbatched
-    policy_head = TensorDictModule(
-        nn.Sequential(nn.Linear(width, 2 * action_spec.shape[-1]), NormalParamExtractor()),
-        ["features"],
-        ["loc", "scale"],
-    )
+    if isinstance(action_spec, CategoricalSpec):
+        policy_head = TensorDictModule(nn.Linear(width, action_spec.n), ["features"], ["logits"])
+        dist_keys, dist_class, dist_kwargs = ["logits"], Categorical, {}
+    else:
+        policy_head = TensorDictModule(
+            nn.Sequential(nn.Linear(width, 2 * action_spec.shape[-1]), NormalParamExtractor()),
+            ["features"],
+            ["loc", "scale"],
+        )
+        dist_keys, dist_class = ["loc", "scale"], TanhNormal
+        dist_kwargs = {"low": action_spec.space.low, "high": action_spec.space.high}
     actor = ProbabilisticActor(
         TensorDictSequential(encoder, core, policy_head),
-        in_keys=["loc", "scale"],
+        in_keys=dist_keys,
         spec=action_spec,
-        distribution_class=TanhNormal,
-        distribution_kwargs={"low": action_spec.space.low, "high": action_spec.space.high},
+        distribution_class=dist_class,
+        distribution_kwargs=dist_kwargs,
         return_log_prob=True,
     )
     critic = TensorDictSequential(
@@ -102,18 +148,30 @@ def make_advantage(critic: TensorDictSequential, gamma: float, lmbda: float) -> 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--core", choices=["mop", "gru", "lstm"], default="mop")
-    parser.add_argument("--frames", type=int, default=200_000, help="env steps in total")
-    parser.add_argument("--num_envs", type=int, default=8)
-    parser.add_argument("--steps_per_batch", type=int, default=128, help="steps per env per batch")
-    parser.add_argument("--epochs", type=int, default=4)
-    parser.add_argument("--minibatches", type=int, default=2, help="groups of whole env sequences")
-    parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--gamma", type=float, default=0.9)
-    parser.add_argument("--lmbda", type=float, default=0.95)
+    parser.add_argument("--env", choices=list(TASKS), default="pendulum")
+    # None: the task's value in DEFAULTS
+    parser.add_argument("--frames", type=int, help="env steps in total")
+    parser.add_argument("--num_envs", type=int)
+    parser.add_argument("--steps_per_batch", type=int, help="steps per env per batch")
+    parser.add_argument("--epochs", type=int)
+    parser.add_argument("--minibatches", type=int, help="groups of whole env sequences")
+    parser.add_argument("--lr", type=float)
+    parser.add_argument(
+        "--anneal_lr", action=argparse.BooleanOptionalAction, default=True, help="linearly to 0"
+    )
+    parser.add_argument("--gamma", type=float)
+    parser.add_argument("--lmbda", type=float)
     parser.add_argument("--alpha", type=float, default=MOP.alpha, help="routing cost weight")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--max_wall_s", type=float, default=None, help="stop early (results kept) after this"
+    )
     parser.add_argument("--out", help="write the learning curve and routing here (JSON)")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    for name, value in DEFAULTS[args.env].items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    return args
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
@@ -124,7 +182,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     torch.set_num_threads(1)
     # Subnormal activations made the recurrent updates ~4x slower on CPU (measured): flush them.
     torch.set_flush_denormal(True)
-    env = make_env(args.num_envs, args.seed)
+    env = make_env(args.env, args.num_envs, args.seed)
     actor, critic, core = make_actor_critic(args.core, env)
     env.append_transform(core.make_tensordict_primer())
     loss_fn = ClipPPOLoss(actor, critic, entropy_coeff=0.0, normalize_advantage=True)
@@ -146,6 +204,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     curve, losses, routing = [], [], []
     frames, start = 0, time.perf_counter()
     for batch in collector:  # [env, time]
+        if args.max_wall_s is not None and time.perf_counter() - start > args.max_wall_s:
+            break
         frames += batch.numel()
         done = batch["next", "done"].squeeze(-1)
         for env_i, t in done.nonzero().tolist():
@@ -155,6 +215,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
             routing.append(
                 [batch["routing", f"block{b}"].mean((0, 1)) for b in range(MOP.num_blocks)]
             )
+        if args.anneal_lr:
+            for group in optimizer.param_groups:
+                group["lr"] = args.lr * (1 - (frames - frames_per_batch) / args.frames)
         with torch.no_grad(), set_recurrent_mode(True):
             advantage(batch)
         for _ in range(args.epochs):
@@ -179,11 +242,12 @@ def main(argv: Sequence[str] | None = None) -> dict:
             flush=True,
         )
     result = {
-        "task": "masked Pendulum",
+        "task": f"masked {TASKS[args.env][0]}",
         "algo": "recurrent PPO",
         "core": args.core,
         "seed": args.seed,
         "frames": frames,
+        "stopped_early": frames < args.frames,
         "wall_s": time.perf_counter() - start,
         "params": sum(p.numel() for p in core.parameters()),
         "curve": curve,

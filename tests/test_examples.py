@@ -51,13 +51,15 @@ SMOKE = {
         *("--epochs", "1", "--minibatches", "2"),
     ],
 }
+SMOKE["recurrent_ppo_cartpole"] = [*SMOKE["recurrent_ppo"], "--env", "cartpole"]
 
 
 @pytest.mark.parametrize("core", ["mop", "gru"])
-@pytest.mark.parametrize("example", ["recurrent_dqn", "recurrent_ppo"])
+@pytest.mark.parametrize("example", list(SMOKE))
 def test_recurrent_recipe_smoke(example, core, tmp_path):
     out = tmp_path / "result.json"
-    result = load_example(example).main([*SMOKE[example], "--core", core, "--out", str(out)])
+    script = example.removesuffix("_cartpole")
+    result = load_example(script).main([*SMOKE[example], "--core", core, "--out", str(out)])
     assert result["losses"] and all(math.isfinite(x) for x in result["losses"])
     assert json.loads(out.read_text())["curve"] == [list(c) for c in result["curve"]]
     # the hidden state propagates: the state stored at t+1 is the ("next", state) written at t
