@@ -1,64 +1,148 @@
 """Learning benchmark beyond BabyAI: MoP vs GRU vs LSTM on masked CartPole and masked Pendulum.
 
     python benchmarks/classic_pomdp.py --out bench_results/classic_pomdp      # run (resumable)
+    python benchmarks/classic_pomdp.py --out bench_results/classic_pomdp --jobs 15 --budget_s 450
     python benchmarks/classic_pomdp.py --out bench_results/classic_pomdp --collect
 
-Runs ``examples/recurrent_dqn.py`` (masked CartPole) and ``examples/recurrent_ppo.py`` (masked
-Pendulum) for every core and seed, one process at a time, seed by seed (so a cut-short run still
-has every core on the finished seeds); a run whose JSON exists is skipped. Each run's wall time
-and CPU time are recorded (on a shared machine the CPU time is the comparable one). ``--collect``
-writes ``summary.json``, prints a markdown table (final return, frames to reach the target,
-MoP routing per block) and plots return vs frames (mean and range over seeds) to ``--figure``.
+Runs ``examples/recurrent_ppo.py`` on masked CartPole (``cartpole``) and masked Pendulum
+(``pendulum``), and with ``--tasks ... cartpole_dqn`` ``examples/recurrent_dqn.py`` on masked
+CartPole, for every core and seed, each with the example's own defaults unless
+``--{task}_frames`` is given. ``--jobs`` processes run at a time, one torch thread each (with
+one job seed by seed, so a cut-short benchmark still has every core on the finished seeds; with
+more, the MoP runs first, as they take the most CPU). A run whose JSON exists is skipped; each
+run's output goes to ``{task}_{core}_s{seed}.log``. ``--max_wall_s`` makes every run stop early
+(and save its curve) after that many seconds, ``--budget_s`` bounds the whole benchmark. Each
+run's wall time and CPU time are recorded (on a shared machine the CPU time is the comparable
+one). ``--collect`` writes ``summary.json``, prints a markdown table (final return, frames to
+reach the target, MoP routing per block) and plots return vs frames (mean and range over seeds)
+to ``--figure``.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import resource
-import subprocess
+import os
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from subprocess import STDOUT, Popen
+from typing import Any
 
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 CORES = ("mop", "gru", "lstm")
+# An example's imports, env set-up and saving, outside its own --max_wall_s clock.
+START_MARGIN_S = 45.0
 TASKS = {
-    # name: (script, target return, rolling window in episodes for the target)
-    "cartpole": ("recurrent_dqn.py", 475.0, 100),
-    "pendulum": ("recurrent_ppo.py", -200.0, 20),
+    # name: (script and its task flags, target return, rolling window in episodes)
+    "cartpole": (["recurrent_ppo.py", "--env", "cartpole"], 475.0, 100),
+    "pendulum": (["recurrent_ppo.py", "--env", "pendulum"], -200.0, 20),
+    "cartpole_dqn": (["recurrent_dqn.py"], 475.0, 100),
 }
 
 
-def run_all(out: Path, seeds: list[int], frames: dict[str, int]) -> None:
+@dataclass
+class Run:
+    task: str
+    core: str
+    seed: int
+
+    @property
+    def name(self) -> str:
+        return f"{self.task}_{self.core}_s{self.seed}"
+
+
+def pending_runs(out: Path, tasks: list[str], seeds: list[int], jobs: int) -> list[Run]:
+    """Runs without a JSON yet, seed by seed (a cut-short benchmark still has every core on the
+    finished seeds); with ``jobs > 1`` the MoP runs go first, as they take the most CPU, so
+    the pool drains evenly."""
+    runs = [
+        Run(task, core, seed)
+        for seed in seeds
+        for task in tasks
+        for core in CORES
+        if not (out / f"{task}_{core}_s{seed}.json").exists()
+    ]
+    if jobs > 1:
+        runs.sort(key=lambda run: run.core != "mop")
+    return runs
+
+
+def start(run: Run, out: Path, frames: dict[str, int | None], max_wall_s: float | None) -> Popen:
+    """Starts one example process, its output in ``{name}.log``, one torch thread."""
+    script, *task_args = TASKS[run.task][0]
+    cmd = [sys.executable, str(ROOT / "examples" / script), *task_args]
+    cmd += ["--core", run.core, "--seed", str(run.seed), "--out", str(out / f"{run.name}.json")]
+    if frames.get(run.task) is not None:
+        cmd += ["--frames", str(frames[run.task])]
+    if max_wall_s is not None:
+        cmd += ["--max_wall_s", str(max_wall_s)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    with open(out / f"{run.name}.log", "w") as log:
+        return Popen(cmd, stdout=log, stderr=STDOUT, env=env)
+
+
+def finish(run: Run, out: Path, status: int, usage: Any, wall_s: float) -> None:
+    """Adds the process's wall and CPU time to the run's JSON and prints a line."""
+    path = out / f"{run.name}.json"
+    code = os.waitstatus_to_exitcode(status)
+    if code != 0 or not path.exists():
+        print(f"{run.task:8} {run.core:4} seed {run.seed}: FAILED ({code}), see {run.name}.log")
+        return
+    record = json.loads(path.read_text())
+    record["process_wall_s"] = wall_s
+    record["process_cpu_s"] = usage.ru_utime + usage.ru_stime
+    path.write_text(json.dumps(record))
+    print(
+        f"{run.task:8} {run.core:4} seed {run.seed}: {record['frames']} frames, "
+        f"wall {wall_s:.0f} s, cpu {record['process_cpu_s']:.0f} s",
+        flush=True,
+    )
+
+
+def run_all(
+    out: Path,
+    tasks: list[str],
+    seeds: list[int],
+    frames: dict[str, int | None],
+    jobs: int = 1,
+    max_wall_s: float | None = None,
+    budget_s: float | None = None,
+) -> None:
+    """Runs every missing (task, core, seed), up to ``jobs`` processes at a time.
+
+    ``budget_s`` bounds the whole benchmark's wall time: a run started late gets what is left
+    of it (less ``START_MARGIN_S``) as its own ``max_wall_s``, and none starts with under a
+    minute left."""
     out.mkdir(parents=True, exist_ok=True)
-    for seed in seeds:
-        for task, (script, _, _) in TASKS.items():
-            for core in CORES:
-                path = out / f"{task}_{core}_s{seed}.json"
-                if path.exists():
-                    continue
-                cpu0 = resource.getrusage(resource.RUSAGE_CHILDREN)
-                start = time.perf_counter()
-                cmd = [sys.executable, str(ROOT / "examples" / script), "--core", core]
-                cmd += ["--seed", str(seed), "--frames", str(frames[task]), "--out", str(path)]
-                if subprocess.run(cmd, stdout=subprocess.DEVNULL).returncode != 0:
-                    print(f"{task} {core} seed {seed}: FAILED (see its stderr above)", flush=True)
-                    continue
-                cpu1 = resource.getrusage(resource.RUSAGE_CHILDREN)
-                record = json.loads(path.read_text())
-                record["process_wall_s"] = time.perf_counter() - start
-                record["process_cpu_s"] = (cpu1.ru_utime - cpu0.ru_utime) + (
-                    cpu1.ru_stime - cpu0.ru_stime
-                )
-                path.write_text(json.dumps(record))
-                print(
-                    f"{task:8} {core:4} seed {seed}: {record['frames']} frames, "
-                    f"wall {record['process_wall_s']:.0f} s, cpu {record['process_cpu_s']:.0f} s",
-                    flush=True,
-                )
+    deadline = None if budget_s is None else time.perf_counter() + budget_s
+    queue = pending_runs(out, tasks, seeds, jobs)
+    running: dict[int, tuple[Run, Popen, float]] = {}
+    while queue or running:
+        while queue and len(running) < jobs:
+            limit = max_wall_s
+            if deadline is not None:
+                left = deadline - time.perf_counter() - START_MARGIN_S
+                if left < 60:
+                    print(f"budget spent: {len(queue)} runs not started", flush=True)
+                    queue.clear()
+                    break
+                limit = left if limit is None else min(limit, left)
+            run = queue.pop(0)
+            proc = start(run, out, frames, limit)
+            running[proc.pid] = (run, proc, time.perf_counter())
+        if not running:
+            break
+        # wait4: the finished child's own rusage (RUSAGE_CHILDREN would mix concurrent runs)
+        pid, status, usage = os.wait4(-1, 0)
+        if pid not in running:
+            continue
+        run, proc, started = running.pop(pid)
+        proc.returncode = os.waitstatus_to_exitcode(status)  # reaped here, not by Popen
+        finish(run, out, status, usage, time.perf_counter() - started)
 
 
 def rolling(curve: list, window: int) -> tuple[np.ndarray, np.ndarray]:
@@ -134,10 +218,15 @@ def plot(out: Path, figure: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(TASKS), figsize=(11, 4))
-    for ax, (task, (_, target, window)) in zip(axes, TASKS.items()):
+    tasks = [t for t in TASKS if any(any(out.glob(f"{t}_{c}_s*.json")) for c in CORES)]
+    if not tasks:
+        return
+    fig, axes = plt.subplots(1, len(tasks), figsize=(5.5 * len(tasks), 4), squeeze=False)
+    for ax, task in zip(axes[0], tasks):
+        _, target, window = TASKS[task]
         for core in CORES:
             runs = [json.loads(p.read_text()) for p in sorted(out.glob(f"{task}_{core}_s*.json"))]
+            runs = [run for run in runs if run["curve"]]  # a cut-short run may have no episode
             if not runs:
                 continue
             rolled = [rolling(run["curve"], window) for run in runs]
@@ -160,15 +249,23 @@ def plot(out: Path, figure: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, default=Path("bench_results/classic_pomdp"))
+    parser.add_argument("--tasks", nargs="+", choices=list(TASKS), default=["cartpole", "pendulum"])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--cartpole_frames", type=int, default=20_480)
-    parser.add_argument("--pendulum_frames", type=int, default=20_480)
+    for task in TASKS:
+        parser.add_argument(f"--{task}_frames", type=int, help="default: the example's own")
+    parser.add_argument("--jobs", type=int, default=1, help="example processes at a time")
+    parser.add_argument(
+        "--max_wall_s", type=float, default=None, help="each run stops (and saves) after this"
+    )
+    parser.add_argument(
+        "--budget_s", type=float, default=None, help="wall-clock budget of the whole benchmark"
+    )
     parser.add_argument("--collect", action="store_true", help="summarise finished runs only")
     parser.add_argument("--figure", type=Path, default=Path("docs/figures/classic_pomdp.png"))
     args = parser.parse_args()
     if not args.collect:
-        frames = {"cartpole": args.cartpole_frames, "pendulum": args.pendulum_frames}
-        run_all(args.out, args.seeds, frames)
+        frames = {task: getattr(args, f"{task}_frames") for task in TASKS}
+        run_all(args.out, args.tasks, args.seeds, frames, args.jobs, args.max_wall_s, args.budget_s)
     print(table(summarise(args.out)))
     plot(args.out, args.figure)
 
