@@ -25,6 +25,7 @@ import argparse
 from pathlib import Path
 
 import pandas as pd
+import torch
 
 from mop_torchrl.analysis import read_routes
 from mop_torchrl.analysis.pathways import (
@@ -66,7 +67,9 @@ def recorded_routes(run: Path, episodes: int) -> tuple[pd.DataFrame, list[list[i
         routes = read_routes(out / "routes.csv")
         if routes.groupby("level")["episode"].nunique().min() >= episodes:
             return routes, layers
-    routes, _ = record_routes(actor, config.task_id, episodes, seed=config.seed, out_dir=out)
+    routes, _ = record_routes(
+        actor, config.task_id, episodes, seed=config.seed, out_dir=out, labels=False
+    )
     return routes, layers
 
 
@@ -79,10 +82,14 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "results" / "pathways")
     parser.add_argument("--figures", type=Path, default=ROOT / "docs" / "figures")
     args = parser.parse_args()
+    # One intra-op thread: with two, OpenMP spin-waits against the other runs on a small machine
+    # and the per-step recording ran about 10x slower.
+    torch.set_num_threads(1)
 
     summaries, usages, step_types, runs = [], [], [], []
     for alpha in (float(a) for a in args.alphas.split(",")):
         run = trained_run(args.config, alpha, args.run_dir)
+        torch.set_num_threads(1)  # closing the training envs raised it (torchrl 0.14)
         routes, layers = recorded_routes(run, args.episodes)
         summaries.append(level_summary(routes, alpha))
         usages.append(usage_table(routes, layers, alpha))

@@ -156,6 +156,7 @@ def record_routes(
     *,
     max_steps: int | None = None,
     tile_size: int = 32,
+    labels: bool = True,
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Runs greedy episodes of a MoP actor on a BabyAI level and records its routing.
 
@@ -183,6 +184,10 @@ def record_routes(
         max_steps (int, optional): fixed step limit per episode (passed to the level);
             default: the level's own.
         tile_size (int, optional): pixels per grid cell of the rendered frames. Defaults to 32.
+        labels (bool, optional): label each step with the bot's action. The bot replans after
+            every student step, which dominates the time of long failed episodes (about 25 s
+            per 512-step PutNextLocal episode); without it ``expert_action`` is ``-1``.
+            Defaults to ``True``.
 
     Returns:
         ``(routes, episodes)`` DataFrames, validated against the schema. Routes also have a
@@ -221,7 +226,10 @@ def record_routes(
     ):
         for level in levels:
             env = make_babyai_gym_env(
-                level, seed=worker_seeds(seed + EVAL_SEED_OFFSET, 1)[0], expert=True, **make_kwargs
+                level,
+                seed=worker_seeds(seed + EVAL_SEED_OFFSET, 1)[0],
+                expert=labels,
+                **make_kwargs,
             )
             try:
                 _record_level(actor, core, env, episodes, rows, episode_rows, out, tile_size)
@@ -295,7 +303,7 @@ def _record_level(
                 "direction": int(base.agent_dir),
                 "carrying": int(carrying_before),
                 "action": action,
-                "expert_action": int(obs["expert_action"]),
+                "expert_action": int(obs.get("expert_action", -1)),
             }
             for b in range(len(layers)):
                 weights = routing[f"block{b}"].reshape(-1).tolist()
