@@ -29,9 +29,9 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from mop_torchrl.analysis.plots import save_figure
 from mop_torchrl.analysis.schema import ACTION_NAMES
 from mop_torchrl.analysis.summary import utilisation
 from mop_torchrl.levels import LEVEL_DIFFICULTY, level_name
@@ -186,14 +186,6 @@ def _ordered_levels(summary: pd.DataFrame) -> list[str]:
     return sorted(summary["level"].unique(), key=lambda lv: (LEVEL_DIFFICULTY[lv], lv))
 
 
-def _save(fig: Figure, path: str | Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    FigureCanvasAgg(fig)
-    fig.savefig(path, dpi=110)
-    return path
-
-
 def plot_cost_vs_difficulty(summary: pd.DataFrame, path: str | Path) -> Path:
     """Routing cost per step of each level against its difficulty rank, one line per α
     (Spearman ρ in the legend)."""
@@ -211,7 +203,7 @@ def plot_cost_vs_difficulty(summary: pd.DataFrame, path: str | Path) -> Path:
     ax.set_ylabel("routing cost per step (normalised)")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_success_vs_alpha(summary: pd.DataFrame, path: str | Path) -> Path:
@@ -229,7 +221,7 @@ def plot_success_vs_alpha(summary: pd.DataFrame, path: str | Path) -> Path:
     ax.set_ylim(-0.02, 1.02)
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_step_types(costs: pd.DataFrame, path: str | Path) -> Path:
@@ -252,4 +244,4 @@ def plot_step_types(costs: pd.DataFrame, path: str | Path) -> Path:
     ax.set_title(f"cost by step type (final approach: last {LAST_STEPS} steps of a success)")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    return _save(fig, path)
+    return save_figure(fig, path)

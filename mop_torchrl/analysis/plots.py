@@ -64,7 +64,8 @@ def _expert_label(size: int, expert: int) -> str:
     return f"e{expert}: identity" if size == 0 else f"e{expert}: d={size}"
 
 
-def _save(fig: Figure, out_path: str | Path) -> Path:
+def save_figure(fig: Figure, out_path: str | Path) -> Path:
+    """Writes ``fig`` as a PNG (Agg canvas: no display needed), creating the folders."""
     path = Path(out_path)
     path.parent.mkdir(parents=True, exist_ok=True)
     FigureCanvasAgg(fig)
@@ -191,7 +192,7 @@ def plot_spatial(
     if title:
         fig.suptitle(title, fontsize=10)
     fig.supxlabel("block maps: hue = dominant expert, opacity = its mean weight", fontsize=8)
-    return _save(fig, out_path)
+    return save_figure(fig, out_path)
 
 
 def plot_timeline(
@@ -295,7 +296,7 @@ def plot_timeline(
         + ("; red action = differs from bot" if wrong.any() and len(ep) <= 60 else ""),
         fontsize=9,
     )
-    return _save(fig, out_path)
+    return save_figure(fig, out_path)
 
 
 def _groups(table: pd.DataFrame, by: str) -> pd.DataFrame:
@@ -345,7 +346,7 @@ def plot_utilisation(
                 ax.set_title(f"block {block}", fontsize=9)
                 ax.legend(fontsize=7, frameon=False)
     fig.suptitle(f"expert utilisation by {by.replace('_', ' ')}", fontsize=10)
-    return _save(fig, out_path)
+    return save_figure(fig, out_path)
 
 
 def plot_entropy(
@@ -381,7 +382,7 @@ def plot_entropy(
         ax.set_title(f"block {block}", fontsize=9)
         ax.legend(fontsize=7, frameon=False, loc="upper center", ncol=3)
     fig.suptitle(f"routing entropy by {by.replace('_', ' ')}", fontsize=10)
-    return _save(fig, out_path)
+    return save_figure(fig, out_path)
 
 
 def plot_cost(routes_df: pd.DataFrame, out_path: str | Path) -> Path:
@@ -411,7 +412,7 @@ def plot_cost(routes_df: pd.DataFrame, out_path: str | Path) -> Path:
         ax.set_ylabel("mean routing cost", fontsize=8)
         ax.set_title(f"by {by.replace('_', ' ')}", fontsize=9)
         ax.margins(y=0.1)
-    return _save(fig, out_path)
+    return save_figure(fig, out_path)
 
 
 def plot_ablation(ablation_df: pd.DataFrame, out_path: str | Path) -> Path:
@@ -459,7 +460,7 @@ def plot_ablation(ablation_df: pd.DataFrame, out_path: str | Path) -> Path:
         ncol=2,
     )
     ax.set_title("routing ablations", fontsize=10)
-    return _save(fig, out_path)
+    return save_figure(fig, out_path)
 
 
 def plot_all(
