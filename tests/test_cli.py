@@ -343,3 +343,26 @@ def test_fuzz_invalid_train_input_fails_cleanly(tmp_path, bad, yaml_text, good):
     lines = stderr.getvalue().strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("mop-torchrl train: "), lines
     assert not runs.exists()
+
+
+def test_multilevel_eval_and_bad_level_as_the_console_script_prints_them(tmp_path):
+    """``mop-torchrl eval`` on a multi-level checkpoint reports every level by default; a
+    misspelt level in a list is one line naming the near match."""
+    levels = "GoToRedBall,GoToLocal"
+    saved_run(tmp_path / "multi", 0, task_id=levels)
+    result = cli(
+        "eval",
+        "--checkpoint",
+        tmp_path / "multi",
+        "--episodes",
+        1,
+        "--num_envs",
+        1,
+        "--probe_episodes",
+        1,
+    )
+    assert result.returncode == 0, result.stderr
+    printed = [line.split(":")[0].strip() for line in result.stdout.splitlines()]
+    assert "GoToRedBall" in printed and "GoToLocal" in printed, result.stdout
+    bad = cli("train", "--task_id", "GoToRedBall,GoToLocl", "--run_dir", tmp_path, *TINY_FLAGS)
+    assert_one_line_error(bad, "GoToLocal")

@@ -88,7 +88,6 @@ class EpisodeStats:
     """
 
     def __init__(self, window: int = 100, levels: Sequence[str] = ()) -> None:
-        self.window = window
         self.episodes: deque[dict[str, float]] = deque(maxlen=window)
         self.levels = [level_name(level) for level in levels] if len(levels) > 1 else []
         self.per_level = [deque(maxlen=window) for _ in self.levels]
