@@ -22,8 +22,9 @@ from pathlib import Path
 import torch
 import torchrl
 
-from mop_torchrl.demos import generate_demos
-from mop_torchrl.envs import make_babyai_gym_env, resolve_level
+from mop_torchrl.babyai.demos import generate_demos
+from mop_torchrl.babyai.envs import make_babyai_gym_env
+from mop_torchrl.babyai.levels import resolve_level
 
 
 def bare_bot(level: str, steps: int, seed: int = 0) -> float:

@@ -21,7 +21,8 @@ import numpy as np
 import torch
 import torchrl
 
-from mop_torchrl.envs import make_babyai_env, make_babyai_gym_env, resolve_level
+from mop_torchrl.babyai.envs import make_babyai_env, make_babyai_gym_env
+from mop_torchrl.babyai.levels import resolve_level
 
 
 def _gym_loop(env: gym.Env, steps: int, seed: int = 0) -> float:

@@ -29,7 +29,7 @@ from mop_torchrl.train.collection import (
     make_collector,
     push_weights,
 )
-from mop_torchrl.train.run import build_policy
+from mop_torchrl.train.policy import build_policy
 
 
 def measure(config: TrainConfig, batches: int) -> dict[str, float]:

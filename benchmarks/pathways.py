@@ -41,7 +41,7 @@ from mop_torchrl.analysis.pathways import (
 from mop_torchrl.analysis.record import mop_cores, record_routes
 from mop_torchrl.train import load_config, train
 from mop_torchrl.train.checkpoint import load_checkpoint
-from mop_torchrl.train.evaluate import load_actor
+from mop_torchrl.train.policy import load_actor
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -30,7 +30,7 @@ from torchrl.modules import set_recurrent_mode
 
 from mop_torchrl.train.checkpoint import load_checkpoint
 from mop_torchrl.train.dagger import DaggerDataset
-from mop_torchrl.train.evaluate import load_actor
+from mop_torchrl.train.policy import load_actor
 
 
 @torch.no_grad()

@@ -18,8 +18,8 @@ from torchrl.modules import set_recurrent_mode
 from tqdm import tqdm
 
 from mop_torchrl import MoPConfig, routing_cost_loss
-from mop_torchrl.envs import make_babyai_env
-from mop_torchrl.policies import make_policy
+from mop_torchrl.babyai.envs import make_babyai_env
+from mop_torchrl.babyai.policy import make_policy
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--level", default="GoToRedBall")

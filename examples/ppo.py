@@ -17,8 +17,8 @@ from torchrl.objectives.value import GAE
 from tqdm import tqdm
 
 from mop_torchrl import MoPConfig
-from mop_torchrl.envs import make_babyai_env
-from mop_torchrl.policies import make_policy
+from mop_torchrl.babyai.envs import make_babyai_env
+from mop_torchrl.babyai.policy import make_policy
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--level", default="GoToRedBall")

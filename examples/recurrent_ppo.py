@@ -48,7 +48,7 @@ from torchrl.objectives import ClipPPOLoss
 from torchrl.objectives.value import GAE
 
 from mop_torchrl import MoPConfig, routing_cost_loss
-from mop_torchrl.policies import make_core
+from mop_torchrl.babyai.policy import make_core
 
 # Parameter counts of the three cores (input 64): MoP 66k, GRU(120) 67k, LSTM(100) 66k.
 MOP = MoPConfig.from_preset("paper", input_dim=64, router_dim=16)  # layers "0,16,32" x 3, D=64

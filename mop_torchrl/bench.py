@@ -35,8 +35,8 @@ from tensordict import TensorDict, TensorDictBase
 from torchrl.modules import GRUModule, set_recurrent_mode
 
 import mop_torchrl
-from mop_torchrl.config import MoPConfig
-from mop_torchrl.module import MoPModule
+from mop_torchrl.core.config import MoPConfig
+from mop_torchrl.core.module import MoPModule
 
 __all__ = [
     "format_table",
@@ -221,8 +221,8 @@ def run_collector_benchmark(
     from torchrl.collectors import Collector
     from torchrl.envs.utils import RandomPolicy
 
-    from mop_torchrl.envs import make_babyai_env
-    from mop_torchrl.policies import make_policy
+    from mop_torchrl.babyai.envs import make_babyai_env
+    from mop_torchrl.babyai.policy import make_policy
 
     def make_env():
         return make_babyai_env(level, num_envs=num_envs, seed=0, parallel=parallel)

@@ -45,7 +45,7 @@ def _train(args: argparse.Namespace) -> None:
 
 
 def _eval(args: argparse.Namespace) -> None:
-    from mop_torchrl.envs import resolve_levels
+    from mop_torchrl.babyai.levels import resolve_levels
     from mop_torchrl.train.evaluate import evaluate_checkpoint
 
     if args.task_id is not None:
@@ -77,7 +77,7 @@ def _eval(args: argparse.Namespace) -> None:
 
 
 def _demos(args: argparse.Namespace) -> None:
-    from mop_torchrl.demos import DemoError, generate_demos
+    from mop_torchrl.babyai.demos import DemoError, generate_demos
 
     try:
         summary = generate_demos(
@@ -138,8 +138,8 @@ def _routes(args: argparse.Namespace) -> None:
 
     from mop_torchrl.analysis import parquet_available, plot_all, summarise, write_summary
     from mop_torchrl.analysis.record import mop_cores, record_routes, sweep_ablation
-    from mop_torchrl.envs import resolve_levels
-    from mop_torchrl.train.evaluate import load_actor
+    from mop_torchrl.babyai.levels import resolve_levels
+    from mop_torchrl.train.policy import load_actor
 
     actor, config = load_actor(args.checkpoint)
     try:
@@ -294,7 +294,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         bench.main(argv[1:])
         return
     args = build_parser().parse_args(argv)
-    from mop_torchrl.demos import DemoError
+    from mop_torchrl.babyai.demos import DemoError
     from mop_torchrl.train.checkpoint import CheckpointError
     from mop_torchrl.train.run import NonFiniteLossError, RunError, RunInterrupted
 

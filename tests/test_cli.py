@@ -22,11 +22,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from test_train import TINY
 
+from mop_torchrl.babyai.demos import generate_demos, open_demos
 from mop_torchrl.cli import main
-from mop_torchrl.demos import generate_demos, open_demos
 from mop_torchrl.train import TrainConfig
 from mop_torchrl.train.checkpoint import load_checkpoint, save_checkpoint
-from mop_torchrl.train.run import build_policy
+from mop_torchrl.train.policy import build_policy
 
 SCRIPT = str(Path(sys.executable).parent / "mop-torchrl")
 LEVEL = "GoToRedBall"
@@ -281,7 +281,7 @@ _bad_flag = st.one_of(
 
 
 def _parses(text: str) -> bool:
-    from mop_torchrl.config import parse_layers
+    from mop_torchrl.core.config import parse_layers
 
     try:
         parse_layers(text)
@@ -312,7 +312,7 @@ def test_fuzz_invalid_train_input_fails_cleanly(tmp_path, bad, yaml_text, good):
     """Random invalid flags (and YAML text): a usage error, one line, no run directory."""
     key, value = bad
     if key == "task_id":
-        from mop_torchrl.envs import resolve_level
+        from mop_torchrl.babyai.levels import resolve_level
 
         with contextlib.suppress(ValueError):
             resolve_level(value)

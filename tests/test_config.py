@@ -5,7 +5,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from mop_torchrl import MoPConfig, parse_layers
-from mop_torchrl.config import format_layers
+from mop_torchrl.core.config import format_layers
 
 
 def test_spec_forms_agree():

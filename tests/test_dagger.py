@@ -11,9 +11,9 @@ from torchrl.collectors import Collector
 from torchrl.modules import set_recurrent_mode
 
 from mop_torchrl import MoPConfig
-from mop_torchrl.envs import make_babyai_env
-from mop_torchrl.model import MoPCore
-from mop_torchrl.policies import make_policy
+from mop_torchrl.babyai.envs import make_babyai_env
+from mop_torchrl.babyai.policy import make_policy
+from mop_torchrl.core.model import MoPCore
 from mop_torchrl.train import TrainConfig
 from mop_torchrl.train.checkpoint import load_checkpoint
 from mop_torchrl.train.dagger import BotMixer, DaggerDataset

@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from mop_torchrl import demos as demos_module
+from mop_torchrl.babyai import demos as demos_module
+from mop_torchrl.babyai.demos import DemoError, generate_demos, open_demos, sample_sequences
 from mop_torchrl.cli import main
-from mop_torchrl.demos import DemoError, generate_demos, open_demos, sample_sequences
 
 LEVEL = "GoToRedBall"
 
@@ -189,7 +189,7 @@ def test_make_babyai_env_appends_policy_primers():
     from tensordict.nn import TensorDictSequential
     from torchrl.modules import GRUModule
 
-    from mop_torchrl.envs import make_babyai_env
+    from mop_torchrl.babyai.envs import make_babyai_env
 
     gru = GRUModule(input_size=4, hidden_size=8, in_key="x", out_key="y")
     policy = TensorDictSequential(gru)

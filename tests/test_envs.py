@@ -5,14 +5,9 @@ from minigrid.utils.baby_ai_bot import BabyAIBot
 from torchrl.envs import ParallelEnv, SerialEnv
 from torchrl.envs.utils import check_env_specs
 
-from mop_torchrl.envs import (
-    babyai_levels,
-    make_babyai_env,
-    make_babyai_gym_env,
-    resolve_level,
-    worker_seeds,
-)
-from mop_torchrl.tokenizer import MAX_MISSION_TOKENS, MissionTokenizer
+from mop_torchrl.babyai.envs import make_babyai_env, make_babyai_gym_env, worker_seeds
+from mop_torchrl.babyai.levels import babyai_levels, resolve_level
+from mop_torchrl.babyai.tokenizer import MAX_MISSION_TOKENS, MissionTokenizer
 
 LEVEL = "BabyAI-GoToLocal-v0"
 
@@ -203,7 +198,7 @@ def test_expert_policy_succeeds_with_path_ratio_one():
 
 
 def test_bot_exceptions_reach_the_env_metrics_apart_from_failures(monkeypatch):
-    from mop_torchrl.expert import BoundedBabyAIBot
+    from mop_torchrl.babyai.bot import BoundedBabyAIBot
 
     real_replan = BoundedBabyAIBot.replan
 

@@ -9,7 +9,7 @@ import pytest
 from minigrid.core.world_object import Box
 from minigrid.utils.baby_ai_bot import BabyAIBot
 
-from mop_torchrl.expert import (
+from mop_torchrl.babyai.bot import (
     BabyAIExpert,
     BotBudgetExceeded,
     BoundedBabyAIBot,
@@ -172,7 +172,7 @@ def test_fresh_bot_skips_completed_parts_of_a_sequence():
 
 
 def test_exceptions_are_counted_by_type_not_as_budget_failures(monkeypatch, caplog):
-    from mop_torchrl import expert as expert_module
+    from mop_torchrl.babyai import bot as expert_module
 
     def buggy_replan(self, action_taken=None):
         raise TypeError("a bug, not a plan failure")
@@ -181,7 +181,7 @@ def test_exceptions_are_counted_by_type_not_as_budget_failures(monkeypatch, capl
     monkeypatch.setattr(BoundedBabyAIBot, "replan", buggy_replan)
     env = _reset("BabyAI-GoToLocal-v0", 0)
     expert = BabyAIExpert(env)
-    with caplog.at_level("WARNING", logger="mop_torchrl.expert"):
+    with caplog.at_level("WARNING", logger="mop_torchrl.babyai.bot"):
         assert expert.reset() == -1 and expert.replan(2) == -1
         assert bot_solution_length(env, errors=expert.errors) == -1
     assert expert.failures == 0 and expert.total_failures == 0

@@ -13,8 +13,8 @@ from tensordict import TensorDict
 from torchrl.modules import set_recurrent_mode
 
 from mop_torchrl import MoPConfig, MoPModule, bench
-from mop_torchrl.fused import gru_scan
-from mop_torchrl.model import MoPCore
+from mop_torchrl.core.fused import gru_scan
+from mop_torchrl.core.model import MoPCore
 
 CONFIGS = ["0,4,8;6", "0", "0;5,3", "7,2,0;0;3", "16,32;8,1"]
 

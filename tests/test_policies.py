@@ -7,8 +7,8 @@ from torchrl.collectors import Collector
 from torchrl.modules import GRUModule, LSTMModule
 
 from mop_torchrl import MoPConfig, MoPModule
-from mop_torchrl.envs import make_babyai_env
-from mop_torchrl.policies import EncoderConfig, ObservationEncoder, make_policy
+from mop_torchrl.babyai.envs import make_babyai_env
+from mop_torchrl.babyai.policy import EncoderConfig, ObservationEncoder, make_policy
 
 SMALL = {
     "mop": MoPConfig(layers="0,8;8,16", intermediate_dim=16, router_dim=8),

@@ -19,12 +19,12 @@ from mop_torchrl.analysis import (
     weight_columns,
 )
 from mop_torchrl.analysis.record import record_routes, sweep_ablation
+from mop_torchrl.babyai.policy import make_policy
 from mop_torchrl.cli import main
-from mop_torchrl.config import MoPConfig
-from mop_torchrl.policies import make_policy
+from mop_torchrl.core.config import MoPConfig
 from mop_torchrl.train.checkpoint import save_checkpoint
 from mop_torchrl.train.config import TrainConfig
-from mop_torchrl.train.run import build_policy
+from mop_torchrl.train.policy import build_policy
 
 LAYERS = [[0, 8], [8, 16]]
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"

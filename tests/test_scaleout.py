@@ -13,7 +13,7 @@ from torchrl.modules import set_recurrent_mode
 from mop_torchrl import MoPModule
 from mop_torchrl.train import TrainConfig, train
 from mop_torchrl.train.collection import env_factories, segment_batches
-from mop_torchrl.train.run import build_policy
+from mop_torchrl.train.policy import build_policy
 
 TINY = dict(
     num_envs=2,

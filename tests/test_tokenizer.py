@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from minigrid.core.constants import COLOR_NAMES
 from minigrid.envs.babyai.core.verifier import LOC_NAMES, OBJ_TYPES
 
-from mop_torchrl.tokenizer import MAX_MISSION_TOKENS, PAD_TOKEN, VOCABULARY, MissionTokenizer
+from mop_torchrl.babyai.tokenizer import MAX_MISSION_TOKENS, PAD_TOKEN, VOCABULARY, MissionTokenizer
 
 SEEDS_PER_LEVEL = 3
 

@@ -26,7 +26,6 @@ from mop_torchrl.analysis.plots import (
     plot_utilisation,
 )
 from mop_torchrl.analysis.schema import (
-    ACTION_NAMES,
     EPISODE_COLUMNS,
     EVENTS,
     MISSION_TYPES,
@@ -52,6 +51,7 @@ from mop_torchrl.analysis.summary import (
     utilisation,
     write_summary,
 )
+from mop_torchrl.babyai.levels import ACTION_NAMES
 
 __all__ = [
     "ABLATION_COLUMNS",

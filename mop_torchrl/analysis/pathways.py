@@ -4,7 +4,7 @@ A multi-level MoP policy is trained once per routing-cost weight α
 (``benchmarks/pathways.py``); its greedy held-out episodes on every level are recorded as a
 routes table (:func:`~mop_torchrl.analysis.record.record_routes`). From those tables this
 module builds the sweep's summary (one row per level and α: success, mean routing cost per step
-in the config's normalised units, difficulty rank from :data:`~mop_torchrl.levels.
+in the config's normalised units, difficulty rank from :data:`~mop_torchrl.babyai.levels.
 LEVEL_DIFFICULTY`), the Spearman correlation of cost with difficulty for each α, the cost per
 step type (turns, moves, object interactions, the last steps before the goal) and the figures.
 
@@ -32,9 +32,8 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from mop_torchrl.analysis.plots import save_figure
-from mop_torchrl.analysis.schema import ACTION_NAMES
 from mop_torchrl.analysis.summary import utilisation
-from mop_torchrl.levels import LEVEL_DIFFICULTY, level_name
+from mop_torchrl.babyai.levels import ACTION_NAMES, LEVEL_DIFFICULTY, level_name
 
 __all__ = [
     "SUMMARY_COLUMNS",
@@ -68,7 +67,7 @@ LAST_STEPS = 3
 def level_summary(routes: pd.DataFrame, alpha: float) -> pd.DataFrame:
     """One row per level of a routes table: success, cost per step, difficulty (validated).
 
-    Levels outside :data:`~mop_torchrl.levels.LEVEL_DIFFICULTY` are refused: their rank is
+    Levels outside :data:`~mop_torchrl.babyai.levels.LEVEL_DIFFICULTY` are refused: their rank is
     not agreed.
     """
     rows = []

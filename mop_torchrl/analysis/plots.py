@@ -29,9 +29,9 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 
-from mop_torchrl.analysis.schema import ACTION_NAMES, block_columns
+from mop_torchrl.analysis.schema import block_columns
 from mop_torchrl.analysis.summary import ALL, cost_summary, entropy_summary, utilisation
-from mop_torchrl.levels import level_name
+from mop_torchrl.babyai.levels import ACTION_NAMES, level_name
 
 __all__ = [
     "ABLATION_COLUMNS",
@@ -46,7 +46,10 @@ __all__ = [
 
 #: Columns :func:`plot_ablation` needs.
 ABLATION_COLUMNS = ("setting", "threshold", "disable_largest", "success_rate", "drop")
-_ACTION_SHORT = ("L", "R", "F", "pick", "drop", "tog", "done")
+_ACTION_SHORT = tuple(
+    {"left": "L", "right": "R", "forward": "F", "pickup": "pick", "toggle": "tog"}.get(n, n)
+    for n in ACTION_NAMES
+)
 _EVENT_COLORS = {
     "pickup": "tab:green",
     "drop": "tab:brown",

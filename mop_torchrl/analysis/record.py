@@ -2,7 +2,7 @@
 
 :func:`record_routes` fills the routes and episodes tables of
 :mod:`mop_torchrl.analysis.schema` by running greedy episodes in ONE gymnasium env built with
-:func:`~mop_torchrl.envs.make_babyai_gym_env` (``expert=True``), in a hand-written loop: the
+:func:`~mop_torchrl.babyai.envs.make_babyai_gym_env` (``expert=True``), in a hand-written loop: the
 agent's position, direction, carrying state, doors and objects are read from the unwrapped
 minigrid env (which a batched TorchRL env would hide in a worker), and the actor is called one
 step at a time on an unbatched :class:`~tensordict.TensorDict` whose hidden states the loop
@@ -14,13 +14,13 @@ The env is seeded like env 0 of :func:`~mop_torchrl.train.evaluate.evaluate` wit
 held-out evaluation episodes of the same ``seed``.
 
 :func:`sweep_ablation` runs :func:`~mop_torchrl.train.evaluate.evaluate` under every setting of
-the inference knobs (:meth:`~mop_torchrl.module.MoPModule.set_inference_knobs`) and reports the
+the inference knobs (:meth:`~mop_torchrl.core.module.MoPModule.set_inference_knobs`) and reports the
 success-rate drop of each against the unablated baseline.
 
 Examples:
     >>> import tempfile
-    >>> from mop_torchrl.config import MoPConfig
-    >>> from mop_torchrl.policies import make_policy
+    >>> from mop_torchrl.core.config import MoPConfig
+    >>> from mop_torchrl.babyai.policy import make_policy
     >>> from mop_torchrl.analysis.record import record_routes
     >>> actor, _ = make_policy("mop", mop=MoPConfig(layers="0,8;8,16", intermediate_dim=16,
     ...                                            router_dim=8))
@@ -53,8 +53,9 @@ from mop_torchrl.analysis.schema import (
     validate_routes,
     write_tables,
 )
-from mop_torchrl.envs import make_babyai_gym_env, resolve_levels, worker_seeds
-from mop_torchrl.module import MoPModule
+from mop_torchrl.babyai.envs import make_babyai_gym_env, worker_seeds
+from mop_torchrl.babyai.levels import resolve_levels
+from mop_torchrl.core.module import MoPModule
 
 __all__ = ["FRAMES_DIR", "mop_cores", "record_routes", "sweep_ablation"]
 
@@ -64,7 +65,7 @@ _OBS_KEYS = ("image", "direction", "carrying", "mission")
 
 
 def mop_cores(actor: nn.Module) -> list[MoPModule]:
-    """The :class:`~mop_torchrl.module.MoPModule` cores of ``actor``.
+    """The :class:`~mop_torchrl.core.module.MoPModule` cores of ``actor``.
 
     Raises:
         ValueError: when there is none (e.g. a GRU policy), since it has no routing to analyse.
@@ -197,8 +198,8 @@ def record_routes(
         ValueError: for an actor without a MoP core (a GRU policy), or ``episodes < 1``.
 
     Examples:
-        >>> from mop_torchrl.config import MoPConfig
-        >>> from mop_torchrl.policies import make_policy
+        >>> from mop_torchrl.core.config import MoPConfig
+        >>> from mop_torchrl.babyai.policy import make_policy
         >>> actor, _ = make_policy("mop", mop=MoPConfig(layers="0,8", intermediate_dim=8,
         ...                                            router_dim=8))
         >>> routes, episodes = record_routes(actor, "GoToRedBall", episodes=1, max_steps=5)
@@ -390,8 +391,8 @@ def sweep_ablation(
             ``[0, 1)``.
 
     Examples:
-        >>> from mop_torchrl.config import MoPConfig
-        >>> from mop_torchrl.policies import make_policy
+        >>> from mop_torchrl.core.config import MoPConfig
+        >>> from mop_torchrl.babyai.policy import make_policy
         >>> actor, _ = make_policy("mop", mop=MoPConfig(layers="0,8", intermediate_dim=8,
         ...                                            router_dim=8))
         >>> table = sweep_ablation(actor, "GoToRedBall", episodes=1, thresholds=(0.0,),
@@ -399,7 +400,8 @@ def sweep_ablation(
         >>> table["setting"].tolist(), float(table["drop"].iloc[0])
         (['baseline', 'no_largest'], 0.0)
     """
-    from mop_torchrl.train.evaluate import evaluate, load_actor
+    from mop_torchrl.train.evaluate import evaluate
+    from mop_torchrl.train.policy import load_actor
 
     if isinstance(checkpoint_or_actor, nn.Module):
         actor = checkpoint_or_actor

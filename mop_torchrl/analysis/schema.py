@@ -75,7 +75,6 @@ import numpy as np
 import pandas as pd
 
 __all__ = [
-    "ACTION_NAMES",
     "EPISODE_COLUMNS",
     "EVENTS",
     "MISSION_TYPES",
@@ -93,8 +92,6 @@ __all__ = [
     "write_tables",
 ]
 
-#: minigrid's ``Actions`` enum, by index.
-ACTION_NAMES: tuple[str, ...] = ("left", "right", "forward", "pickup", "drop", "toggle", "done")
 #: Values of :func:`mission_type`.
 MISSION_TYPES: tuple[str, ...] = ("go_to", "pick_up", "open", "put_next", "other")
 #: Atomic values of the ``event`` column (several are joined by ``"+"``).

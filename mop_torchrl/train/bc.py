@@ -12,7 +12,7 @@ from pathlib import Path
 
 from tensordict import TensorDictBase
 
-from mop_torchrl.demos import open_demos, sample_sequences
+from mop_torchrl.babyai.demos import open_demos, sample_sequences
 from mop_torchrl.train.config import TrainConfig
 from mop_torchrl.train.imitation import imitation_step, start_imitation
 

@@ -43,7 +43,7 @@ from torch import nn
 from torchrl.collectors import BaseCollector, Collector, MultiSyncCollector
 from torchrl.envs import EnvBase
 
-from mop_torchrl.envs import make_babyai_env, worker_seeds
+from mop_torchrl.babyai.envs import make_babyai_env, worker_seeds
 from mop_torchrl.train.config import TrainConfig
 
 __all__ = [
@@ -102,7 +102,7 @@ def env_factories(config: TrainConfig, expert: bool, seed: int) -> list[Callable
 
 def _build_actor(config: TrainConfig) -> nn.Module:
     torch.set_num_threads(config.torch_threads)
-    from mop_torchrl.train.run import build_policy  # run imports this module's users
+    from mop_torchrl.train.policy import build_policy
 
     return build_policy(config)[0].eval()
 

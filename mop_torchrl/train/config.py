@@ -19,8 +19,8 @@ from typing import Any, Literal
 
 import yaml
 
-from mop_torchrl.config import MoPConfig, format_layers, parse_layers
-from mop_torchrl.policies import EncoderConfig
+from mop_torchrl.babyai.policy import EncoderConfig
+from mop_torchrl.core.config import MoPConfig, format_layers, parse_layers
 
 __all__ = ["TrainConfig", "add_config_arguments", "load_config"]
 

@@ -20,13 +20,12 @@ from torch import nn
 from torchrl.collectors import Collector
 from torchrl.modules import set_recurrent_mode
 
-from mop_torchrl.demos import BotActor
-from mop_torchrl.envs import keep_num_threads, make_babyai_env, resolve_levels
-from mop_torchrl.levels import level_name
-from mop_torchrl.module import MoPModule
-from mop_torchrl.train.checkpoint import CheckpointError, load_checkpoint
-from mop_torchrl.train.config import TrainConfig
-from mop_torchrl.train.run import build_policy, load_modules
+from mop_torchrl.babyai.bot import BotActor
+from mop_torchrl.babyai.envs import keep_num_threads, make_babyai_env
+from mop_torchrl.babyai.levels import level_name, resolve_levels
+from mop_torchrl.core.module import MoPModule
+from mop_torchrl.train.checkpoint import CheckpointError
+from mop_torchrl.train.policy import load_actor
 
 __all__ = [
     "EVAL_SEED_OFFSET",
@@ -34,22 +33,12 @@ __all__ = [
     "evaluate",
     "evaluate_checkpoint",
     "grounding_probe",
-    "load_actor",
 ]
 
 EVAL_SEED_OFFSET = 1_000_003
 """Evaluation seeds are ``seed + EVAL_SEED_OFFSET``, away from the training envs' seeds."""
 PROBE_SEED_OFFSET = 2_000_003
 """The grounding probe's bot episodes use ``seed + PROBE_SEED_OFFSET``."""
-
-
-def load_actor(checkpoint: str | Path) -> tuple[nn.Module, TrainConfig]:
-    """The actor saved in a training checkpoint, in eval mode, and its config."""
-    payload = load_checkpoint(checkpoint)
-    config = TrainConfig.from_dict(payload["config"])
-    actor, _ = build_policy(config)
-    load_modules(payload, {"actor": actor}, Path(checkpoint))
-    return actor.eval(), config
 
 
 @torch.no_grad()
@@ -75,7 +64,7 @@ def evaluate(
     (MoP), bot plan failures (exhausted budget) and other bot exceptions (``bot_errors``).
 
     Examples:
-        >>> from mop_torchrl.policies import make_policy
+        >>> from mop_torchrl.babyai.policy import make_policy
         >>> actor, _ = make_policy("mop")
         >>> result = evaluate(actor.eval(), "GoToRedBall", episodes=2, num_envs=2)
         >>> sorted(result)[:3]
@@ -250,7 +239,7 @@ def grounding_probe(actor: nn.Module, episodes: TensorDictBase) -> dict[str, flo
     (``grounding_gap`` > 0); one that ignores it does not.
 
     Examples:
-        >>> from mop_torchrl.policies import make_policy
+        >>> from mop_torchrl.babyai.policy import make_policy
         >>> actor, _ = make_policy("gru")
         >>> probe = grounding_probe(actor.eval(), bot_episodes("GoToRedBall", episodes=2))
         >>> sorted(probe)

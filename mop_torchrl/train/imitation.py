@@ -26,11 +26,12 @@ from tensordict.nn import TensorDictSequential
 from torch import nn
 from torchrl.modules import set_recurrent_mode
 
-from mop_torchrl.model import routing_cost_loss
+from mop_torchrl.core.model import routing_cost_loss
 from mop_torchrl.train.collection import segment_batches
 from mop_torchrl.train.config import TrainConfig
 from mop_torchrl.train.dagger import BotMixer, DaggerDataset, dagger_beta
-from mop_torchrl.train.run import EpisodeStats, Run, build_policy, check_finite
+from mop_torchrl.train.policy import build_policy
+from mop_torchrl.train.run import EpisodeStats, Run, check_finite
 
 __all__ = ["imitation_loss", "imitation_step", "start_imitation", "train_imitation"]
 

@@ -24,7 +24,8 @@ from mop_torchrl.train.checkpoint import load_checkpoint
 from mop_torchrl.train.collection import segment_batches
 from mop_torchrl.train.config import TrainConfig
 from mop_torchrl.train.imitation import routing_metrics
-from mop_torchrl.train.run import EpisodeStats, Run, build_policy, check_finite, load_modules
+from mop_torchrl.train.policy import build_policy, load_modules
+from mop_torchrl.train.run import EpisodeStats, Run, check_finite
 
 __all__ = ["train_ppo"]
 

@@ -21,8 +21,7 @@ from tensordict import TensorDictBase
 from torch import nn
 from tqdm.auto import tqdm
 
-from mop_torchrl.levels import level_name
-from mop_torchrl.policies import make_policy
+from mop_torchrl.babyai.levels import level_name
 from mop_torchrl.train.checkpoint import (
     CheckpointError,
     load_checkpoint,
@@ -31,6 +30,7 @@ from mop_torchrl.train.checkpoint import (
     seed_everything,
 )
 from mop_torchrl.train.config import TrainConfig
+from mop_torchrl.train.policy import build_policy, load_modules
 
 __all__ = [
     "EpisodeStats",
@@ -38,7 +38,6 @@ __all__ = [
     "Run",
     "RunError",
     "RunInterrupted",
-    "build_policy",
     "validate_start",
 ]
 
@@ -67,16 +66,6 @@ class RunError(ValueError):
 
 class RunInterrupted(Exception):
     """Raised by :meth:`Run.fit` after SIGINT, once a checkpoint of the current update is saved."""
-
-
-def build_policy(config: TrainConfig) -> tuple[nn.Module, nn.Module]:
-    """The actor and critic a config describes."""
-    return make_policy(
-        config.policy,
-        mop=config.mop_config(),
-        gru_hidden_size=config.gru_hidden_size,
-        encoder=config.encoder_config(),
-    )
 
 
 class EpisodeStats:
@@ -392,37 +381,6 @@ def check_finite(loss: torch.Tensor, update: int) -> None:
         raise NonFiniteLossError(f"non-finite loss ({loss.item()}) at update {update}")
 
 
-def load_modules(payload: dict[str, Any], modules: dict[str, nn.Module], path: Path) -> None:
-    """Loads a checkpoint's state dicts with a one-line error that says what does not fit."""
-    for name, module in modules.items():
-        if name not in payload["model"]:
-            raise CheckpointError(f"checkpoint {str(path)!r} has no {name!r} weights")
-        saved, own = payload["model"][name], module.state_dict()
-        missing = [k for k in own if k not in saved]
-        unexpected = [k for k in saved if k not in own]
-        resized = [
-            f"{k} {list(saved[k].shape)} vs {list(v.shape)}"
-            for k, v in own.items()
-            if k in saved and hasattr(saved[k], "shape") and saved[k].shape != v.shape
-        ]
-        if missing or unexpected or resized:
-            policy = payload.get("config", {}).get("policy", "?")
-            problems = [
-                f"{len(items)} {what} (e.g. {items[0]})"
-                for items, what in (
-                    (missing, "missing weights"),
-                    (unexpected, "unexpected weights"),
-                    (resized, "size mismatches, saved vs this"),
-                )
-                if items
-            ]
-            raise CheckpointError(
-                f"checkpoint {str(path)!r} (policy {policy!r}) does not fit this {name}: "
-                + "; ".join(problems)
-            )
-        module.load_state_dict(saved)
-
-
 def run_directory(config: TrainConfig) -> Path:
     """The directory of the run ``config`` describes: ``run_dir/name``."""
     return Path(config.run_dir) / config.name
@@ -442,7 +400,7 @@ def validate_start(
     Raises:
         RunError, CheckpointError, DemoError, ValueError: naming what is wrong (one line).
     """
-    from mop_torchrl.envs import parse_level_weights, resolve_level, resolve_levels
+    from mop_torchrl.babyai.levels import parse_level_weights, resolve_level, resolve_levels
 
     try:
         levels = resolve_levels(config.task_id)
@@ -451,7 +409,7 @@ def validate_start(
         raise RunError(f"config key 'task_id'/'level_weights': {err}") from None
     level = ",".join(levels)
     if config.algo == "bc":
-        from mop_torchrl.demos import DemoError, open_demos
+        from mop_torchrl.babyai.demos import DemoError, open_demos
 
         _, meta = open_demos(config.demos)
         if resolve_level(meta["level"]) != level:

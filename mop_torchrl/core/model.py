@@ -2,13 +2,13 @@
 
 Layout used throughout: ``x`` is ``[S, L, F]`` (``S`` independent sequences of ``L`` steps) and
 every recurrent state is ``[S, h]``. Step mode is ``L == 1``. The TorchRL wrapper
-(:mod:`mop_torchrl.module`) maps TensorDicts onto this layout.
+(:mod:`mop_torchrl.core.module`) maps TensorDicts onto this layout.
 
 Two implementations share the same parameters:
 
 * ``"reference"``: one ``nn.GRU`` per router/expert and one output projection per expert, the
   way the BabyAI integration did it; kept as the oracle for tests and benchmarks.
-* ``"fused"`` (GRU kernels in :mod:`mop_torchrl.fused`): over sequences, the input gates of a
+* ``"fused"`` (GRU kernels in :mod:`mop_torchrl.core.fused`): over sequences, the input gates of a
   block's GRUs are one product over all steps and only the recurrent products run per step
   (resets without padding); the weighted expert projections accumulate in place
   (:meth:`MoPBlock.fused_mix`).
@@ -27,8 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mop_torchrl.config import MoPConfig
-from mop_torchrl.fused import functorch_active, gru_cell, gru_recurrence
+from mop_torchrl.core.config import MoPConfig
+from mop_torchrl.core.fused import functorch_active, gru_cell, gru_recurrence
 
 __all__ = ["CoreOutput", "Expert", "MoPBlock", "MoPCore", "routing_cost_loss"]
 

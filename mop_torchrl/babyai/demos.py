@@ -64,7 +64,6 @@ from typing import Any, Literal
 import numpy as np
 import torch
 from tensordict import TensorDict, TensorDictBase
-from tensordict.nn import TensorDictModuleBase
 from torchrl.data import (
     LazyMemmapStorage,
     SliceSampler,
@@ -72,8 +71,10 @@ from torchrl.data import (
     TensorStorage,
 )
 
-from mop_torchrl.envs import NUM_ACTIONS, make_babyai_env, resolve_level, worker_seeds
-from mop_torchrl.tokenizer import MissionTokenizer
+from mop_torchrl.babyai.bot import BotActor
+from mop_torchrl.babyai.envs import make_babyai_env, worker_seeds
+from mop_torchrl.babyai.levels import NUM_ACTIONS, resolve_level
+from mop_torchrl.babyai.tokenizer import MissionTokenizer
 
 __all__ = [
     "FORMAT_VERSION",
@@ -103,7 +104,7 @@ def demo_keys() -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
     """Stored keys (``"next.reward"`` for nested ones) with their per-row shape and dtype.
 
     Examples:
-        >>> from mop_torchrl.demos import demo_keys
+        >>> from mop_torchrl.babyai.demos import demo_keys
         >>> demo_keys()["image"]
         ((7, 7, 3), torch.uint8)
     """
@@ -279,7 +280,7 @@ def open_demos(path: str | os.PathLike) -> tuple[TensorDictReplayBuffer, dict[st
 
     Examples:
         >>> import tempfile
-        >>> from mop_torchrl.demos import generate_demos, open_demos, sample_sequences
+        >>> from mop_torchrl.babyai.demos import generate_demos, open_demos, sample_sequences
         >>> out = tempfile.mkdtemp()
         >>> _ = generate_demos("GoToRedBall", 4, out, num_workers=1, progress=False)
         >>> buffer, meta = open_demos(out)
@@ -325,7 +326,7 @@ def sample_sequences(
 
     Examples:
         >>> import tempfile, torch
-        >>> from mop_torchrl.demos import generate_demos, open_demos, sample_sequences
+        >>> from mop_torchrl.babyai.demos import generate_demos, open_demos, sample_sequences
         >>> out = tempfile.mkdtemp()
         >>> _ = generate_demos("GoToRedBall", 4, out, num_workers=1, progress=False)
         >>> buffer, _ = open_demos(out)
@@ -357,34 +358,6 @@ def sample_sequences(
 
 
 # -------------------------------------------------------------------------------- writing
-class BotActor(TensorDictModuleBase):
-    """Acts with the bot's label ``"expert_action"``; a seeded random action where it is ``-1``.
-
-    Examples:
-        >>> import torch
-        >>> from tensordict import TensorDict
-        >>> from mop_torchrl.demos import BotActor
-        >>> td = BotActor(seed=0)(TensorDict(expert_action=torch.tensor([2, -1])))
-        >>> td["action"][0].item(), 0 <= td["action"][1].item() < 7
-        (2, True)
-    """
-
-    def __init__(self, seed: int) -> None:
-        super().__init__()
-        self.in_keys = ["expert_action"]
-        self.out_keys = ["action"]
-        self.seed = seed
-        self._generator: torch.Generator | None = None
-
-    def forward(self, tensordict: TensorDictBase) -> TensorDictBase:
-        if self._generator is None:  # created lazily, in the worker process
-            self._generator = torch.Generator().manual_seed(self.seed)
-        label = tensordict.get("expert_action")
-        noise = torch.randint(0, NUM_ACTIONS, label.shape, generator=self._generator)
-        tensordict.set("action", torch.where(label >= 0, label, noise))
-        return tensordict
-
-
 def _collector_chunks(
     level: str, num_workers: int, run_seed: int, act_seeds: list[int], chunk_len: int
 ) -> Iterator[TensorDictBase]:
@@ -442,7 +415,7 @@ def _gym_worker(
     import signal
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and stops us
-    from mop_torchrl.envs import make_babyai_gym_env
+    from mop_torchrl.babyai.envs import make_babyai_gym_env
 
     schema = demo_keys()
     dtypes = {k: str(dtype).removeprefix("torch.") for k, (_, dtype) in schema.items()}
@@ -717,7 +690,7 @@ def generate_demos(
 
     Examples:
         >>> import tempfile
-        >>> from mop_torchrl.demos import generate_demos
+        >>> from mop_torchrl.babyai.demos import generate_demos
         >>> out = tempfile.mkdtemp()
         >>> summary = generate_demos("GoToRedBall", 4, out, num_workers=1, progress=False)
         >>> summary["episodes"], summary["total_episodes"]

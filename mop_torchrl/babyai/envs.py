@@ -2,7 +2,7 @@
 
 ``GymEnv("BabyAI-...")`` fails because TorchRL cannot convert minigrid's text mission space.
 :class:`BabyAIObservation` is a gymnasium wrapper that turns the minigrid observation into
-fixed-size integer arrays (the mission tokenised with :class:`~mop_torchrl.tokenizer.
+fixed-size integer arrays (the mission tokenised with :class:`~mop_torchrl.babyai.tokenizer.
 MissionTokenizer`), optionally labels every observation with the BabyAI bot's action, and puts
 episode metrics in the step ``info``. :func:`make_babyai_env` wraps it with
 :class:`~torchrl.envs.GymWrapper`, batches it (:class:`~torchrl.envs.ParallelEnv` or
@@ -26,7 +26,7 @@ Output keys (shapes per env; a batched env prepends ``[num_envs]``):
   planning budget) so far in the episode.
 - ``("next", "bot_errors")`` (``expert=True`` or ``path_ratio=True``): int64 ``()``, other
   exceptions of the bot so far in the episode (its labels are ``-1`` too; see
-  :class:`~mop_torchrl.expert.BotErrors`).
+  :class:`~mop_torchrl.babyai.bot.BotErrors`).
 - ``("next", "bot_solution_length")`` (``path_ratio=True``): int64 ``()``, the number of steps
   the bot needs from the episode's start (``-1`` if it fails); path ratio =
   ``step_count / bot_solution_length`` on successful episodes.
@@ -40,10 +40,8 @@ counting a failure, since that observation is never acted on.
 from __future__ import annotations
 
 import contextlib
-import difflib
 import functools
 import io
-import re
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -68,28 +66,27 @@ from torchrl.envs import (
 )
 from torchrl.modules.utils import get_primers_from_module
 
-from mop_torchrl.expert import (
+from mop_torchrl.babyai.bot import (
     DEFAULT_BOT_BUDGET,
     BabyAIExpert,
     BotErrors,
     bot_solution_length,
 )
-from mop_torchrl.tokenizer import MissionTokenizer
+from mop_torchrl.babyai.levels import (
+    NUM_ACTIONS,
+    parse_level_weights,
+    resolve_levels,
+)
+from mop_torchrl.babyai.tokenizer import MissionTokenizer
 
 __all__ = [
     "BabyAIObservation",
     "LevelMixture",
-    "babyai_levels",
     "keep_num_threads",
     "make_babyai_env",
     "make_babyai_gym_env",
-    "parse_level_weights",
-    "resolve_level",
-    "resolve_levels",
     "worker_seeds",
 ]
-
-NUM_ACTIONS = 7  # minigrid Actions: left, right, forward, pickup, drop, toggle, done
 
 
 @contextlib.contextmanager
@@ -108,98 +105,6 @@ def keep_num_threads() -> Iterator[None]:
         torch.set_num_threads(threads)
 
 
-def babyai_levels() -> list[str]:
-    """Sorted ids of every registered ``BabyAI-*`` gymnasium environment.
-
-    Examples:
-        >>> from mop_torchrl.envs import babyai_levels
-        >>> "BabyAI-GoToLocal-v0" in babyai_levels()
-        True
-    """
-    return sorted(k for k in gym.registry if k.startswith("BabyAI-"))
-
-
-def resolve_level(level: str) -> str:
-    """The registered id for ``level``; accepts the short form (``"GoToRedBall"``).
-
-    Raises:
-        ValueError: for an unknown level, listing the closest registered ids.
-
-    Examples:
-        >>> from mop_torchrl.envs import resolve_level
-        >>> resolve_level("GoToRedBall")
-        'BabyAI-GoToRedBall-v0'
-        >>> resolve_level("BabyAI-GoToLocal-v0")
-        'BabyAI-GoToLocal-v0'
-    """
-    levels = babyai_levels()
-    registered = set(levels)
-    candidates = [level]
-    if not level.startswith("BabyAI-"):
-        candidates.append(f"BabyAI-{level}")
-    candidates += [f"{c}-v0" for c in candidates if not re.search(r"-v\d+$", c)]
-    for cand in candidates:
-        if cand in registered:
-            return cand
-    # near matches on the full ids and on the short names
-    full = f"BabyAI-{level}" if not level.startswith("BabyAI-") else level
-    near = difflib.get_close_matches(full, levels, n=5, cutoff=0.6)
-    short = {lv[len("BabyAI-") :].rsplit("-v", 1)[0]: lv for lv in levels}
-    for s in difflib.get_close_matches(level.removeprefix("BabyAI-"), list(short), n=5):
-        if short[s] not in near:
-            near.append(short[s])
-    hint = ", ".join(near) if near else "none (see mop_torchrl.envs.babyai_levels())"
-    raise ValueError(f"Unknown BabyAI level {level!r}. Near matches: {hint}.")
-
-
-def resolve_levels(levels: str | Sequence[str]) -> list[str]:
-    """Registered ids for one level or several (a sequence, or one comma-separated string).
-
-    Raises:
-        ValueError: for an unknown level (naming near matches), an empty list or a repeat.
-
-    Examples:
-        >>> from mop_torchrl.envs import resolve_levels
-        >>> resolve_levels("GoToRedBall, GoToLocal")
-        ['BabyAI-GoToRedBall-v0', 'BabyAI-GoToLocal-v0']
-    """
-    names = levels.split(",") if isinstance(levels, str) else list(levels)
-    resolved = [resolve_level(name.strip()) for name in names if name.strip()]
-    if not resolved:
-        raise ValueError(f"no BabyAI level given in {levels!r}")
-    repeated = sorted({lv for lv in resolved if resolved.count(lv) > 1})
-    if repeated:
-        raise ValueError(f"level(s) {repeated} given more than once (use level weights)")
-    return resolved
-
-
-def parse_level_weights(weights: str | Sequence[float] | None, num_levels: int) -> list[float]:
-    """Per-level sampling probabilities: uniform for ``None``, else ``weights`` normalised.
-
-    Raises:
-        ValueError: when the count differs from ``num_levels`` or a weight is not a positive
-            finite number.
-
-    Examples:
-        >>> from mop_torchrl.envs import parse_level_weights
-        >>> parse_level_weights("1,3", 2), parse_level_weights(None, 4)[0]
-        ([0.25, 0.75], 0.25)
-    """
-    if weights is None:
-        return [1.0 / num_levels] * num_levels
-    items = weights.split(",") if isinstance(weights, str) else list(weights)
-    try:
-        values = [float(w) for w in items]
-    except ValueError:
-        raise ValueError(f"level weights must be numbers, got {weights!r}") from None
-    if len(values) != num_levels:
-        raise ValueError(f"{len(values)} level weights given for {num_levels} levels")
-    if not all(np.isfinite(v) and v > 0 for v in values):
-        raise ValueError(f"level weights must be positive and finite, got {weights!r}")
-    total = sum(values)
-    return [v / total for v in values]
-
-
 def worker_seeds(seed: int, num_envs: int) -> list[int]:
     """Distinct, deterministic per-env seeds derived from ``seed``.
 
@@ -207,7 +112,7 @@ def worker_seeds(seed: int, num_envs: int) -> list[int]:
     children), and different base seeds give unrelated 32-bit seeds.
 
     Examples:
-        >>> from mop_torchrl.envs import worker_seeds
+        >>> from mop_torchrl.babyai.envs import worker_seeds
         >>> s = worker_seeds(0, 3)
         >>> len(set(s)), worker_seeds(0, 2) == s[:2]
         (3, True)
@@ -227,7 +132,7 @@ class LevelMixture(gym.Wrapper):
 
     Examples:
         >>> import gymnasium as gym
-        >>> from mop_torchrl.envs import LevelMixture
+        >>> from mop_torchrl.babyai.envs import LevelMixture
         >>> env = LevelMixture([gym.make("BabyAI-GoToRedBall-v0"), gym.make("BabyAI-GoToLocal-v0")])
         >>> levels = {int(env.reset(seed=i)[0]["level"]) for i in range(8)}
         >>> sorted(levels), env.unwrapped is env.envs[env.current].unwrapped
@@ -297,7 +202,7 @@ class BabyAIObservation(gym.Wrapper):
 
     Examples:
         >>> import gymnasium as gym
-        >>> from mop_torchrl.envs import BabyAIObservation
+        >>> from mop_torchrl.babyai.envs import BabyAIObservation
         >>> env = BabyAIObservation(gym.make("BabyAI-GoToRedBall-v0"), expert=True, seed=0)
         >>> obs, info = env.reset()
         >>> obs["mission"].shape, obs["image"].dtype, int(obs["expert_action"]) in range(7)
@@ -454,7 +359,7 @@ def make_babyai_gym_env(
     per episode with ``level_weights`` (default uniform).
 
     Examples:
-        >>> from mop_torchrl.envs import make_babyai_gym_env
+        >>> from mop_torchrl.babyai.envs import make_babyai_gym_env
         >>> env = make_babyai_gym_env("GoToLocal", seed=0)
         >>> obs, info = env.reset()
         >>> sorted(obs)
@@ -560,7 +465,7 @@ def make_babyai_env(
         path_ratio (bool, optional): add ``"bot_solution_length"``, the bot's episode length
             from each episode's start (one extra bot rollout per reset). Defaults to ``False``.
         bot_budget (int, optional): subgoal-loop iterations allowed per bot replan; ``None``
-            for no bound. Defaults to :data:`~mop_torchrl.expert.DEFAULT_BOT_BUDGET`.
+            for no bound. Defaults to :data:`~mop_torchrl.babyai.bot.DEFAULT_BOT_BUDGET`.
         bot_time_limit (float, optional): seconds allowed per bot replan. Defaults to ``None``.
         quiet (bool, optional): hide minigrid's "Sampling rejected" prints. Defaults to ``True``.
         mp_start_method (str, optional): passed to ``ParallelEnv``.
@@ -579,7 +484,7 @@ def make_babyai_env(
         ValueError: for an unknown level (listing near matches) or ``num_envs < 1``.
 
     Examples:
-        >>> from mop_torchrl.envs import make_babyai_env
+        >>> from mop_torchrl.babyai.envs import make_babyai_env
         >>> env = make_babyai_env("GoToLocal", num_envs=2, expert=True, parallel=False)
         >>> td = env.rollout(5, break_when_any_done=False)
         >>> td["mission"].shape, td["expert_action"].shape == td["action"].shape

@@ -17,8 +17,8 @@ from torchrl.data import Composite, Unbounded
 from torchrl.envs import TensorDictPrimer
 from torchrl.modules import canonicalize_rnn_subset, recurrent_mode
 
-from mop_torchrl.config import MoPConfig
-from mop_torchrl.model import Implementation, MoPCore
+from mop_torchrl.core.config import MoPConfig
+from mop_torchrl.core.model import Implementation, MoPCore
 
 __all__ = ["MoPModule"]
 

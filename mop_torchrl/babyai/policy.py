@@ -36,11 +36,11 @@ from tensordict.nn import (
 from torch import nn
 from torchrl.modules import GRUModule, LSTMModule, ProbabilisticActor
 
-from mop_torchrl.config import MoPConfig
-from mop_torchrl.envs import NUM_ACTIONS
-from mop_torchrl.fused import functorch_active, gru_recurrence
-from mop_torchrl.module import MoPModule
-from mop_torchrl.tokenizer import MissionTokenizer
+from mop_torchrl.babyai.levels import NUM_ACTIONS
+from mop_torchrl.babyai.tokenizer import MissionTokenizer
+from mop_torchrl.core.config import MoPConfig
+from mop_torchrl.core.fused import functorch_active, gru_recurrence
+from mop_torchrl.core.module import MoPModule
 
 __all__ = ["EncoderConfig", "ObservationEncoder", "make_policy"]
 
@@ -229,7 +229,7 @@ def make_policy(
     Both declare their primers, so collectors register them automatically.
 
     Examples:
-        >>> from mop_torchrl.envs import make_babyai_env
+        >>> from mop_torchrl.babyai.envs import make_babyai_env
         >>> actor, critic = make_policy("mop")
         >>> env = make_babyai_env("GoToRedBall", policy=actor)
         >>> td = env.rollout(3, actor)

@@ -100,7 +100,7 @@ class MissionTokenizer:
             :data:`MAX_MISSION_TOKENS` (72).
 
     Examples:
-        >>> from mop_torchrl.tokenizer import MissionTokenizer
+        >>> from mop_torchrl.babyai.tokenizer import MissionTokenizer
         >>> tok = MissionTokenizer()
         >>> ids = tok.encode("open the red door, then go to a ball")
         >>> len(ids)

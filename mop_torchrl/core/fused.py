@@ -1,6 +1,6 @@
 """Fast GRU kernels for the MoP blocks, on ``nn.GRU`` parameters (no knowledge of MoP).
 
-:mod:`mop_torchrl.model` builds the blocks on these; this module imports nothing from it.
+:mod:`mop_torchrl.core.model` builds the blocks on these; this module imports nothing from it.
 Why the code looks like this (measured on a 2-core CPU, seed preset, side by side):
 
 * **One step** (step mode): one ``torch.gru_cell`` per router/expert. It beat a single GRU with

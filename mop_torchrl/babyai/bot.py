@@ -28,13 +28,19 @@ import time
 from collections import Counter
 from typing import Any
 
+import torch
 from minigrid.envs.babyai.core.verifier import AfterInstr, AndInstr, BeforeInstr
 from minigrid.utils.baby_ai_bot import BabyAIBot
+from tensordict import TensorDictBase
+from tensordict.nn import TensorDictModuleBase
+
+from mop_torchrl.babyai.levels import NUM_ACTIONS
 
 __all__ = [
     "DEFAULT_BOT_BUDGET",
     "DEFAULT_MAX_STACK",
     "BabyAIExpert",
+    "BotActor",
     "BotBudgetExceeded",
     "BotErrors",
     "BoundedBabyAIBot",
@@ -134,7 +140,7 @@ class BoundedBabyAIBot(BabyAIBot):
     Examples:
         >>> import gymnasium as gym
         >>> import minigrid  # registers the BabyAI levels
-        >>> from mop_torchrl.expert import BoundedBabyAIBot
+        >>> from mop_torchrl.babyai.bot import BoundedBabyAIBot
         >>> env = gym.make("BabyAI-GoToRedBall-v0")
         >>> _ = env.reset(seed=0)
         >>> bot = BoundedBabyAIBot(env, max_iterations=1000)
@@ -208,7 +214,7 @@ class BabyAIExpert:
     Examples:
         >>> import gymnasium as gym
         >>> import minigrid
-        >>> from mop_torchrl.expert import BabyAIExpert
+        >>> from mop_torchrl.babyai.bot import BabyAIExpert
         >>> env = gym.make("BabyAI-GoToLocal-v0")
         >>> _ = env.reset(seed=0)
         >>> expert = BabyAIExpert(env)
@@ -293,7 +299,7 @@ def bot_solution_length(
     Examples:
         >>> import gymnasium as gym
         >>> import minigrid
-        >>> from mop_torchrl.expert import bot_solution_length
+        >>> from mop_torchrl.babyai.bot import bot_solution_length
         >>> env = gym.make("BabyAI-GoToRedBall-v0")
         >>> _ = env.reset(seed=0)
         >>> bot_solution_length(env) > 0
@@ -317,3 +323,31 @@ def bot_solution_length(
         (errors if errors is not None else BotErrors()).record(err)
         return -1
     return -1
+
+
+class BotActor(TensorDictModuleBase):
+    """Acts with the bot's label ``"expert_action"``; a seeded random action where it is ``-1``.
+
+    Examples:
+        >>> import torch
+        >>> from tensordict import TensorDict
+        >>> from mop_torchrl.babyai.bot import BotActor
+        >>> td = BotActor(seed=0)(TensorDict(expert_action=torch.tensor([2, -1])))
+        >>> td["action"][0].item(), 0 <= td["action"][1].item() < 7
+        (2, True)
+    """
+
+    def __init__(self, seed: int) -> None:
+        super().__init__()
+        self.in_keys = ["expert_action"]
+        self.out_keys = ["action"]
+        self.seed = seed
+        self._generator: torch.Generator | None = None
+
+    def forward(self, tensordict: TensorDictBase) -> TensorDictBase:
+        if self._generator is None:  # created lazily, in the worker process
+            self._generator = torch.Generator().manual_seed(self.seed)
+        label = tensordict.get("expert_action")
+        noise = torch.randint(0, NUM_ACTIONS, label.shape, generator=self._generator)
+        tensordict.set("action", torch.where(label >= 0, label, noise))
+        return tensordict
