@@ -19,8 +19,9 @@ import mop_torchrl
 
 PACKAGE = pathlib.Path(mop_torchrl.__file__).parent
 
-LAYERS = ["core", "babyai", "train", "analysis", "cli"]
-"""Bottom to top; ``cli`` stands for the tools on top (``cli.py``, ``bench.py``)."""
+LAYERS = ["io", "core", "babyai", "train", "analysis", "cli"]
+"""Bottom to top; ``io`` is the base utility ``io.py``, ``cli`` stands for the tools on top
+(``cli.py``, ``bench.py``)."""
 
 
 def _layer(module: str) -> str | None:

@@ -2,7 +2,8 @@
 
 A checkpoint is written to a temporary file in the same directory, flushed to disk and renamed
 over the previous one, so a run killed at any moment leaves the last good checkpoint intact
-(a temporary file orphaned by such a kill is removed by :func:`remove_orphan_temps`).
+(:func:`~mop_torchrl.io.atomic_write`; a temporary file orphaned by such a kill is removed
+by :func:`remove_orphan_temps`).
 Checkpoints are read with ``torch.load(..., weights_only=True)``: loading an untrusted file can
 not run code. They hold no RNG state: the training loop re-seeds the global generators from
 ``(seed, update, stream)`` before every collection and every optimizer step
@@ -12,15 +13,15 @@ resumed in a fresh process draws exactly what an uninterrupted run draws.
 
 from __future__ import annotations
 
-import os
 import random
-import tempfile
 import zlib
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+
+from mop_torchrl.io import atomic_write, remove_orphan_temps
 
 __all__ = [
     "CheckpointError",
@@ -69,29 +70,9 @@ def seed_everything(seed: int, update: int, stream: str) -> None:
 
 
 def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> Path:
-    """Writes ``payload`` (plus the format tag) atomically to ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save({"format": FORMAT, **payload}, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
-def remove_orphan_temps(path: str | Path) -> list[Path]:
-    """Removes the temporary files a kill during :func:`save_checkpoint` left beside ``path``."""
-    path = Path(path)
-    orphans = sorted(path.parent.glob(f".{path.name}.*.tmp"))
-    for orphan in orphans:
-        orphan.unlink(missing_ok=True)
-    return orphans
+    """Writes ``payload`` (plus the format tag) atomically to ``path``
+    (:func:`~mop_torchrl.io.atomic_write`: a kill leaves the previous checkpoint)."""
+    return atomic_write(path, lambda f: torch.save({"format": FORMAT, **payload}, f))
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
