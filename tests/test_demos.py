@@ -11,8 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from mop_torchrl.babyai import demos as demos_module
 from mop_torchrl.babyai.demos import DemoError, generate_demos, open_demos, sample_sequences
+from mop_torchrl.babyai.demos import produce as produce_module
+from mop_torchrl.babyai.demos import writer as writer_module
 from mop_torchrl.cli import main
 
 LEVEL = "GoToRedBall"
@@ -102,7 +103,7 @@ def test_append_grows_with_new_ids_and_seeds(demo_dir, tmp_path, monkeypatch):
     out = tmp_path / "demos"
     shutil.copytree(demo_dir, out)
     before = _episodes(out)
-    monkeypatch.setattr(demos_module, "_MIN_CAPACITY", 16)
+    monkeypatch.setattr(writer_module, "_MIN_CAPACITY", 16)
     old_meta = json.loads((out / "demos.json").read_text())
     summary = generate_demos(LEVEL, 12, out, num_workers=1, seed=0, progress=False, chunk_len=8)
     assert summary["total_episodes"] == 18
@@ -121,7 +122,7 @@ def test_append_grows_with_new_ids_and_seeds(demo_dir, tmp_path, monkeypatch):
 
 def test_interrupted_run_keeps_complete_episodes(tmp_path, monkeypatch):
     out = tmp_path / "demos"
-    real_write = demos_module._write_json
+    real_write = writer_module.write_meta
     calls = {"n": 0}
 
     def flaky_write(path, data):
@@ -130,17 +131,20 @@ def test_interrupted_run_keeps_complete_episodes(tmp_path, monkeypatch):
             raise KeyboardInterrupt
         real_write(path, data)
 
-    monkeypatch.setattr(demos_module, "_write_json", flaky_write)
+    monkeypatch.setattr(writer_module, "write_meta", flaky_write)
     with pytest.raises(KeyboardInterrupt):
         generate_demos(
             LEVEL, 20, out, num_workers=1, progress=False, chunk_len=8, backend="collector"
         )
     committed = _episodes(out)
     assert 0 < len(committed) < 20
-    # the next run overwrites the uncommitted rows and continues the ids
-    monkeypatch.setattr(demos_module, "_write_json", real_write)
+    orphan = out / ".demos.json.x1y2.tmp"  # what a kill inside the atomic write leaves
+    orphan.write_text("{")
+    # the next run overwrites the uncommitted rows, continues the ids, removes the orphan
+    monkeypatch.setattr(writer_module, "write_meta", real_write)
     generate_demos(LEVEL, 2, out, num_workers=1, progress=False, chunk_len=8)
     assert len(_episodes(out)) == len(committed) + 2
+    assert not orphan.exists()
 
 
 def test_corrupt_and_mismatched_dirs(demo_dir, tmp_path):
@@ -239,7 +243,7 @@ def _garbling_worker(level, env_seed, act_seed, episodes, stop):  # pragma: no c
 
 
 def test_unreadable_worker_message_is_an_error_not_an_empty_queue(tmp_path, monkeypatch):
-    monkeypatch.setattr(demos_module, "_gym_worker", _garbling_worker)
+    monkeypatch.setattr(produce_module, "_gym_worker", _garbling_worker)
     with pytest.raises(pickle.UnpicklingError, match="garbled episode"):
         generate_demos(LEVEL, 1, tmp_path / "demos", num_workers=1, progress=False)
 
