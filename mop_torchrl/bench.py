@@ -32,6 +32,7 @@ import tensordict
 import torch
 import torchrl
 from tensordict import TensorDict, TensorDictBase
+from torchrl.envs.utils import step_mdp
 from torchrl.modules import GRUModule, set_recurrent_mode
 
 import mop_torchrl
@@ -439,8 +440,8 @@ def _train_step(module: torch.nn.Module, td: TensorDictBase) -> Callable[[], Non
 
 
 def _train_step_loop(module: MoPModule, td: TensorDictBase) -> Callable[[], None]:
-    """Step mode over time with autograd, carrying the state like a collector would."""
-    state_keys = [("next", *key) for key in module.state_keys]
+    """Step mode over time with autograd, carrying the state like a collector would: the
+    states the module wrote under ``"next"`` become the next step's inputs (``step_mdp``)."""
 
     def step():
         module.zero_grad(set_to_none=True)
@@ -451,7 +452,7 @@ def _train_step_loop(module: MoPModule, td: TensorDictBase) -> Callable[[], None
                 step_td.update(carried)
             module(step_td)
             features.append(step_td["features"])
-            carried = step_td.select(*state_keys)["next"]
+            carried = step_mdp(step_td, keep_other=False)
         torch.stack(features, 1).pow(2).mean().backward()
 
     return step

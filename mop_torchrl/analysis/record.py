@@ -6,8 +6,9 @@
 agent's position, direction, carrying state, doors and objects are read from the unwrapped
 minigrid env (which a batched TorchRL env would hide in a worker), and the actor is called one
 step at a time on an unbatched :class:`~tensordict.TensorDict` whose hidden states the loop
-carries itself (``("next", state)`` copied to the root after each step, zeros and
-``is_init=True`` at each reset), as a TorchRL collector would.
+carries as a TorchRL collector would (the next observation is written under ``"next"`` beside
+the states the actor wrote there, and :func:`~torchrl.envs.utils.step_mdp` moves them to the
+root; zeros and ``is_init=True`` at each reset).
 
 The env is seeded like env 0 of :func:`~mop_torchrl.train.evaluate.evaluate` with
 ``num_envs=1`` (``worker_seeds(seed + EVAL_SEED_OFFSET, 1)[0]``), so a recording replays the
@@ -45,6 +46,7 @@ import torch
 from tensordict import TensorDict
 from tensordict.nn import InteractionType, set_interaction_type
 from torch import nn
+from torchrl.envs.utils import step_mdp
 
 from mop_torchrl.analysis.schema import (
     mission_type,
@@ -327,11 +329,10 @@ def _record_level(
             total += float(reward)
             step += 1
             if not done:
-                # step_mdp: the next step starts from the states this one wrote.
-                nxt = _observation_td(obs, False)
-                for key in core.state_keys:
-                    nxt.set(key, td.get(("next", *key)))
-                td = nxt
+                # As a TorchRL env step: the new observation goes under "next", where the actor
+                # wrote its states, and step_mdp makes "next" the next step's input.
+                td.get("next").update(_observation_td(obs, False))
+                td = step_mdp(td, keep_other=False)
         for row in rows[first:]:
             row.update(success=int(success), episode_return=total, episode_length=step)
 
