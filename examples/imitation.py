@@ -20,6 +20,7 @@ from tqdm import tqdm
 from mop_torchrl import MoPConfig, routing_cost_loss
 from mop_torchrl.babyai.envs import make_babyai_env
 from mop_torchrl.babyai.policy import make_policy
+from mop_torchrl.core.config import DEFAULT_ALPHA
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--level", default="GoToRedBall")
@@ -27,13 +28,13 @@ parser.add_argument("--num_envs", type=int, default=16)
 parser.add_argument("--unroll_len", type=int, default=32)
 parser.add_argument("--num_updates", type=int, default=100)
 parser.add_argument("--lr", type=float, default=1e-3)
-parser.add_argument("--alpha", type=float, default=1e-5)
+parser.add_argument("--alpha", type=float, default=DEFAULT_ALPHA, help="routing cost weight")
 parser.add_argument("--seed", type=int, default=0)
 args = parser.parse_args()
 torch.manual_seed(args.seed)
 torch.set_num_threads(1)
 
-mop = MoPConfig.from_preset("seed", alpha=args.alpha)
+mop = MoPConfig.from_preset("seed")
 actor, _ = make_policy("mop", mop=mop)
 logits_module = actor.module[0]  # encoder -> MoP core -> logits (no sampling)
 optimizer = torch.optim.Adam(actor.parameters(), lr=args.lr)
@@ -63,7 +64,7 @@ for data in bar:
     labels = data["expert_action"]
     valid = labels >= 0  # -1: the bot failed to plan for this step
     task_loss = F.cross_entropy(out["logits"][valid], labels[valid])
-    loss = routing_cost_loss(task_loss, out["routing", "cost"], mop.alpha, mop.epsilon)
+    loss = routing_cost_loss(task_loss, out["routing", "cost"], args.alpha)
     optimizer.zero_grad()
     loss.backward()
     torch.nn.utils.clip_grad_norm_(actor.parameters(), 1.0)

@@ -45,6 +45,7 @@ from torchrl.objectives import DQNLoss, SoftUpdate
 
 from mop_torchrl import MoPConfig, routing_cost_loss
 from mop_torchrl.babyai.policy import make_core
+from mop_torchrl.core.config import DEFAULT_ALPHA
 
 # Parameter counts of the three cores (input 64): MoP 66k, GRU(120) 67k, LSTM(100) 66k.
 MOP = MoPConfig.from_preset("paper", input_dim=64, router_dim=16)  # layers "0,16,32" x 3, D=64
@@ -96,7 +97,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--gamma", type=float, default=0.99)
     parser.add_argument("--tau", type=float, default=0.01, help="target network soft update")
-    parser.add_argument("--alpha", type=float, default=MOP.alpha, help="routing cost weight")
+    parser.add_argument("--alpha", type=float, default=DEFAULT_ALPHA, help="routing cost weight")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
         "--max_wall_s", type=float, default=None, help="stop early (results kept) after this"

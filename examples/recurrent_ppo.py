@@ -49,6 +49,7 @@ from torchrl.objectives.value import GAE
 
 from mop_torchrl import MoPConfig, routing_cost_loss
 from mop_torchrl.babyai.policy import make_core
+from mop_torchrl.core.config import DEFAULT_ALPHA
 
 # Parameter counts of the three cores (input 64): MoP 66k, GRU(120) 67k, LSTM(100) 66k.
 MOP = MoPConfig.from_preset("paper", input_dim=64, router_dim=16)  # layers "0,16,32" x 3, D=64
@@ -162,7 +163,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--gamma", type=float)
     parser.add_argument("--lmbda", type=float)
-    parser.add_argument("--alpha", type=float, default=MOP.alpha, help="routing cost weight")
+    parser.add_argument("--alpha", type=float, default=DEFAULT_ALPHA, help="routing cost weight")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
         "--max_wall_s", type=float, default=None, help="stop early (results kept) after this"

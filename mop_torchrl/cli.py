@@ -136,7 +136,7 @@ def _fraction(text: str) -> float:
 def _routes(args: argparse.Namespace) -> None:
     from pathlib import Path
 
-    from mop_torchrl.analysis import parquet_available, plot_all, summarise, write_summary
+    from mop_torchrl.analysis import plot_all, summarise, write_summary
     from mop_torchrl.analysis.record import mop_cores, record_routes, sweep_ablation
     from mop_torchrl.babyai.levels import resolve_levels
     from mop_torchrl.train.policy import load_actor
@@ -182,7 +182,7 @@ def _routes(args: argparse.Namespace) -> None:
     print(
         f"recorded {len(episodes)} episodes ({len(routes)} steps) of {level}: success {success:.2f}"
     )
-    tables = "csv, parquet" if parquet_available() else "csv"
+    tables = "csv, parquet"
     print(f"  tables:  {out / 'routes'}.{{{tables}}}, {out / 'episodes'}.{{{tables}}}")
     print(f"  frames:  {out / 'frames'}/ ({len(episodes)} PNG)")
     print(f"  summary: {summary[-1]} (+ {len(summary) - 1} CSV)")

@@ -6,7 +6,9 @@ import math
 
 import numpy as np
 import pandas as pd
+import pyarrow.parquet as pq
 import pytest
+from synthetic import synthetic_tables
 
 from mop_torchrl.analysis import (
     MISSION_TYPES,
@@ -21,10 +23,9 @@ from mop_torchrl.analysis import (
     plot_utilisation,
     read_episodes,
     read_routes,
-    schema,
+    routes_schema,
     step_event,
     summarise,
-    synthetic_tables,
     validate_episodes,
     validate_routes,
     weight_columns,
@@ -138,12 +139,12 @@ def test_parquet_round_trip_keeps_schema(tables, tmp_path):
     pd.testing.assert_frame_equal(read_routes(tmp_path / "routes.csv"), routes, check_dtype=False)
 
 
-def test_without_pyarrow_csv_only(tables, tmp_path, monkeypatch):
-    monkeypatch.setattr(schema, "parquet_available", lambda: False)
-    paths = write_tables(tmp_path, routes=tables[0])
-    assert [p.name for p in paths] == ["routes.csv"]
-    with pytest.raises(ImportError, match="pyarrow"):
-        read_routes(tmp_path / "routes.parquet")
+def test_parquet_files_have_the_schema_types(tables, tmp_path):
+    routes, episodes = tables
+    write_tables(tmp_path, routes=routes, episodes=episodes)
+    schema = routes_schema(LAYERS)
+    stored = pq.read_table(tmp_path / "routes.parquet").select(schema.names)
+    assert stored.cast(schema).schema.equals(schema)  # safe casts only (large_string -> string)
 
 
 @pytest.mark.parametrize("column", ["mission_type", "episode", "w0_2", "w1_0", "cost", "event"])
@@ -170,6 +171,9 @@ def test_validate_weights_must_sum_to_one(tables):
         (lambda df: df.assign(carrying=2), "'carrying' must be 0 or 1"),
         (lambda df: df.assign(expert_action=-2), "expert_action"),
         (lambda df: df.assign(cost=np.nan), "'cost' has missing values"),
+        (lambda df: df.assign(cost=np.inf), "'cost' must hold finite numbers"),
+        (lambda df: df.assign(w0_0=True), "'w0_0' must hold finite numbers"),
+        (lambda df: df.assign(episode="0"), "'episode' must hold integers"),
         (lambda df: df.assign(step=1.5), "'step' must hold integers"),
         (lambda df: df.assign(level=3), "'level' must hold strings"),
         (lambda df: df.assign(step=0), "duplicate \\(episode, step\\)"),

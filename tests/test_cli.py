@@ -49,8 +49,8 @@ def assert_one_line_error(result: subprocess.CompletedProcess, match: str, code:
 
 def saved_run(run_dir: Path, update: int, **overrides) -> TrainConfig:
     """A run directory as ``Run`` leaves it after ``update`` updates (no training needed)."""
-    config = TrainConfig(
-        **{**TINY, "run_dir": str(run_dir.parent), "run_name": run_dir.name, **overrides}
+    config = TrainConfig.from_dict(
+        {**TINY, "run_dir": str(run_dir.parent), "run_name": run_dir.name, **overrides}
     )
     actor, critic = build_policy(config)
     params = {id(p): p for m in (actor, critic) for p in m.parameters()}
@@ -243,9 +243,9 @@ def test_resume_in_a_fresh_process_is_bit_exact(tmp_path):
     from mop_torchrl.train import train
 
     kwargs = {**TINY, "unroll_len": 4, "checkpoint_interval": 3, "run_dir": str(tmp_path)}
-    assert TrainConfig(**kwargs).dropout_beta > 0  # the default config: expert dropout on
-    straight = train(TrainConfig(**kwargs, num_updates=12, run_name="straight"))
-    half = train(TrainConfig(**kwargs, num_updates=6, run_name="half"))
+    assert TrainConfig.from_dict(kwargs).mop.dropout_beta > 0  # the default: expert dropout on
+    straight = train(TrainConfig.from_dict({**kwargs, "num_updates": 12, "run_name": "straight"}))
+    half = train(TrainConfig.from_dict({**kwargs, "num_updates": 6, "run_name": "half"}))
     result = cli("train", "--resume", half, "--num_updates", 12)
     assert result.returncode == 0, result.stderr
     a, b = load_checkpoint(straight), load_checkpoint(half)

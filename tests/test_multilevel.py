@@ -4,8 +4,8 @@ import gymnasium as gym
 import numpy as np
 import pandas as pd
 import pytest
+from synthetic import synthetic_tables
 
-from mop_torchrl.analysis import synthetic_tables
 from mop_torchrl.analysis.pathways import (
     level_summary,
     spearman_by_alpha,
@@ -92,23 +92,25 @@ def test_yaml_lists_become_level_strings():
 
 
 def test_two_level_training_logs_per_level_and_routes_record_both(tmp_path):
-    config = TrainConfig(
-        task_id=",".join(LEVELS),
-        num_envs=4,
-        unroll_len=16,
-        num_updates=4,
-        buffer_frames=128,
-        batch_slices=4,
-        mop_layers="0,8;8,16",
-        mop_intermediate_dim=16,
-        mop_router_dim=8,
-        image_channels=8,
-        instr_dim=16,
-        log_interval=2,
-        eval_interval=4,
-        eval_interval_episodes=2,
-        eval_episodes=2,
-        run_dir=str(tmp_path),
+    config = TrainConfig.from_dict(
+        dict(
+            task_id=",".join(LEVELS),
+            num_envs=4,
+            unroll_len=16,
+            num_updates=4,
+            buffer_frames=128,
+            batch_slices=4,
+            mop_layers="0,8;8,16",
+            mop_intermediate_dim=16,
+            mop_router_dim=8,
+            image_channels=8,
+            instr_dim=16,
+            log_interval=2,
+            eval_interval=4,
+            eval_interval_episodes=2,
+            eval_episodes=2,
+            run_dir=str(tmp_path),
+        )
     )
     run_dir = train(config)
     scalars = run_dir / "logs" / "scalars"

@@ -84,7 +84,9 @@ def assert_labels_from_own_bot(config, data, seed):
     ],
 )
 def test_weights_reach_workers_and_states_stay_per_worker(backend):
-    config = TrainConfig(backend=backend, num_workers=2, num_updates=3, **{**TINY, "num_envs": 4})
+    config = TrainConfig.from_dict(
+        {**TINY, "num_envs": 4, "backend": backend, "num_workers": 2, "num_updates": 3}
+    )
     actor = build_policy(config)[0].eval()
     core = next(m for m in actor.modules() if isinstance(m, MoPModule))
     batches = segment_batches(actor, config, start=0, expert=True)
@@ -128,13 +130,15 @@ def test_config_validates_workers():
 
 
 def test_train_multiprocess_end_to_end(tmp_path):
-    config = TrainConfig(
-        backend="multiprocess",
-        num_workers=2,
-        num_updates=2,
-        log_interval=1,
-        run_dir=str(tmp_path),
-        **TINY,
+    config = TrainConfig.from_dict(
+        dict(
+            backend="multiprocess",
+            num_workers=2,
+            num_updates=2,
+            log_interval=1,
+            run_dir=str(tmp_path),
+            **TINY,
+        )
     )
     run_dir = train(config)
     assert (run_dir / "checkpoint.pt").exists()

@@ -28,7 +28,7 @@ TINY = {
 
 
 def tiny(tmp_path, **kwargs) -> TrainConfig:
-    return TrainConfig(**{**TINY, "run_dir": str(tmp_path), **kwargs})
+    return TrainConfig.from_dict({**TINY, "run_dir": str(tmp_path), **kwargs})
 
 
 def params(run_dir):
@@ -113,7 +113,7 @@ def test_corrupt_and_incompatible_checkpoints(tmp_path):
         ({"num_envs": 0}, "num_envs"),
         ({"lr": -1.0}, "lr"),
         ({"policy": "lstm"}, "policy"),
-        ({"mop_layers": "16,,32"}, "mop_layers"),
+        ({"mop_layers": "16,,32"}, "mop.layers"),
         ({"alpha": -1}, "alpha"),
         ({"algo": "bc"}, "demos"),
         ({"algo": "ppo", "num_envs": 6, "minibatches": 4}, "minibatches"),
@@ -132,9 +132,9 @@ def test_yaml_and_cli_overrides(tmp_path, capsys):
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump({"num_envs": 4, "mop_layers": ["16,32", "32,64"], "lr": 1}))
     config = load_config(path, {"seed": 3})
-    assert (config.num_envs, config.mop_layers, config.lr, config.seed) == (
+    assert (config.num_envs, config.mop.layers, config.lr, config.seed) == (
         4,
-        "16,32;32,64",
+        [[16, 32], [32, 64]],
         1.0,
         3,
     )

@@ -9,16 +9,20 @@ LEVEL_DIFFICULTY`), the Spearman correlation of cost with difficulty for each α
 step type (turns, moves, object interactions, the last steps before the goal) and the figures.
 
 Examples:
-    >>> from mop_torchrl.analysis import synthetic_tables
+    Two episodes on each of three levels (the columns the summary reads; a recorded routes
+    table has them all):
+
+    >>> import pandas as pd
     >>> from mop_torchrl.analysis.pathways import level_summary, spearman_by_alpha
-    >>> layers = [[0, 16, 32], [32, 64]]
-    >>> levels = ("BabyAI-GoToRedBall-v0", "BabyAI-GoToLocal-v0", "BabyAI-PickupLoc-v0")
-    >>> routes, _ = synthetic_tables(layers, levels=levels, episodes_per_level=2, seed=0)
+    >>> levels = ["BabyAI-GoToRedBall-v0", "BabyAI-GoToLocal-v0", "BabyAI-PickupLoc-v0"]
+    >>> routes = pd.DataFrame({"level": [lv for lv in levels for _ in range(2)],
+    ...                        "episode": range(6), "success": [1, 1, 1, 0, 0, 1],
+    ...                        "cost": [1.0, 2.0, 3.0, 4.0, 5.0, 6.0]})
     >>> summary = level_summary(routes, alpha=0.01)
-    >>> list(summary.columns[:5])
-    ['level', 'alpha', 'success', 'cost_per_step', 'difficulty']
-    >>> list(spearman_by_alpha(summary).columns)
-    ['alpha', 'spearman_rho', 'levels', 'mean_success']
+    >>> summary[["level", "success", "cost_per_step", "difficulty"]].values.tolist()
+    [['GoToRedBall', 1.0, 1.5, 2], ['GoToLocal', 0.5, 3.5, 3], ['PickupLoc', 0.5, 5.5, 4]]
+    >>> spearman_by_alpha(summary)[["alpha", "spearman_rho", "levels"]].values.tolist()
+    [[0.01, 1.0, 3.0]]
 """
 
 from __future__ import annotations

@@ -6,12 +6,23 @@ DataFrames in the schema of :mod:`mop_torchrl.analysis.schema` and an output pat
 that path. Expert ``i`` of every block has the same colour (``tab10``) in all plots.
 
 Examples:
+    Every plot of a two-step episode (a recorded table has many; ``episodes`` may be ``None``
+    when no frames were rendered):
+
     >>> import tempfile
-    >>> from mop_torchrl.analysis import plot_all, synthetic_tables
-    >>> layers = [[0, 16, 32], [32, 64]]
-    >>> routes, episodes = synthetic_tables(layers, episodes_per_level=1)
+    >>> import pandas as pd
+    >>> from mop_torchrl.analysis import plot_all
+    >>> layers = [[0, 16]]
+    >>> routes = pd.DataFrame({
+    ...     "level": "BabyAI-GoToRedBall-v0", "mission": "go to the red ball",
+    ...     "mission_type": "go_to", "episode": 0, "step": [0, 1], "agent_x": [1, 2],
+    ...     "agent_y": 1, "direction": 0, "carrying": 0, "action": [2, 6],
+    ...     "expert_action": [2, 6], "w0_0": [0.875, 0.25], "w0_1": [0.125, 0.75],
+    ...     "cost": [32.0, 192.0], "event": ["", "goal_reached"], "success": 1,
+    ...     "episode_return": 0.97, "episode_length": 2,
+    ... })
     >>> with tempfile.TemporaryDirectory() as tmp:
-    ...     paths = plot_all(routes, episodes, layers, tmp, max_episodes=1)
+    ...     paths = plot_all(routes, None, layers, tmp, max_episodes=1)
     ...     all(p.stat().st_size > 1000 for p in paths)
     True
 """

@@ -48,15 +48,11 @@ from tensordict.nn import InteractionType, set_interaction_type
 from torch import nn
 from torchrl.envs.utils import step_mdp
 
-from mop_torchrl.analysis.schema import (
-    mission_type,
-    step_event,
-    validate_episodes,
-    validate_routes,
-    write_tables,
-)
+from mop_torchrl.analysis.schema import validate_episodes, validate_routes
+from mop_torchrl.analysis.tables import write_tables
 from mop_torchrl.babyai.envs import make_babyai_gym_env, worker_seeds
 from mop_torchrl.babyai.levels import resolve_levels
+from mop_torchrl.babyai.semantics import mission_type, step_event
 from mop_torchrl.core.module import MoPModule
 
 __all__ = ["FRAMES_DIR", "mop_cores", "record_routes", "sweep_ablation"]
@@ -175,9 +171,9 @@ def record_routes(
         episodes (int): number of episodes to record (per level).
         seed (int, optional): evaluation seed (as in :func:`~mop_torchrl.train.evaluate.
             evaluate`). Defaults to ``0``.
-        out_dir (str or Path, optional): when given, writes ``routes.csv``, ``episodes.csv`` (and
-            ``.parquet`` twins with pyarrow installed: :func:`~mop_torchrl.analysis.write_tables`) and
-            each episode's first frame ``frames/ep{e}.png`` there (``frame_path`` is relative to
+        out_dir (str or Path, optional): when given, writes ``routes`` and ``episodes`` as
+            Parquet and CSV (:func:`~mop_torchrl.analysis.tables.write_tables`) and each
+            episode's first frame ``frames/ep{e}.png`` there (``frame_path`` is relative to
             ``out_dir``: pass ``frames_root=out_dir`` to :func:`~mop_torchrl.analysis.plot_all`).
             Without it no frame is rendered and ``frame_path`` is ``""``.
         weight_threshold (float, optional): inference knob τ. Defaults to ``0.0``.

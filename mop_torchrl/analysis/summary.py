@@ -5,15 +5,26 @@ four groupings: the whole table (``level == mission_type == "all"``), per level
 (``mission_type == "all"``), per mission type (``level == "all"``), and per level × mission type.
 
 Examples:
-    >>> from mop_torchrl.analysis import summarise, synthetic_tables
-    >>> layers = [[0, 16, 32], [32, 64]]
-    >>> routes, _ = synthetic_tables(layers, episodes_per_level=2)
+    Four steps of two one-episode levels, for a policy with one block of two experts (the
+    columns the summaries read; a recorded table has them all):
+
+    >>> import pandas as pd
+    >>> from mop_torchrl.analysis import summarise
+    >>> layers = [[0, 16]]
+    >>> routes = pd.DataFrame({
+    ...     "level": ["A", "A", "B", "B"], "mission_type": ["go_to", "go_to", "pick_up", "pick_up"],
+    ...     "episode": [0, 0, 1, 1], "w0_0": [0.875, 0.25, 0.5, 0.5],
+    ...     "w0_1": [0.125, 0.75, 0.5, 0.5], "cost": [32.0, 192.0, 128.0, 128.0],
+    ...     "success": [1, 1, 0, 0],
+    ... })
     >>> tables = summarise(routes, layers)
     >>> sorted(tables)
     ['cost', 'entropy', 'utilisation']
     >>> overall = tables["utilisation"].query("level == 'all' and mission_type == 'all'")
-    >>> len(overall)  # one row per (block, expert)
-    5
+    >>> overall["argmax_share"].tolist()  # one row per (block, expert); ties go to expert 0
+    [0.75, 0.25]
+    >>> float(tables["cost"].set_index(["level", "mission_type"]).loc[("A", "all"), "mean_cost"])
+    112.0
 """
 
 from __future__ import annotations

@@ -38,7 +38,7 @@ from torchrl.modules import GRUModule, LSTMModule, ProbabilisticActor
 
 from mop_torchrl.babyai.levels import NUM_ACTIONS
 from mop_torchrl.babyai.tokenizer import MissionTokenizer
-from mop_torchrl.core.config import MoPConfig
+from mop_torchrl.core.config import ConfigError, MoPConfig, check_fields, setting
 from mop_torchrl.core.fused import functorch_active, gru_recurrence
 from mop_torchrl.core.module import MoPModule
 
@@ -50,20 +50,24 @@ _ATTRIBUTE_SIZES = (11, 6, 3)
 
 @dataclasses.dataclass
 class EncoderConfig:
-    """Sizes of the observation encoder."""
+    """Sizes of the observation encoder (each a positive integer; help in the field metadata)."""
 
-    image_channels: int = 32
-    """Channels of the cell embeddings and of the convolutional/FiLM layers."""
-    map_channels: int = 8
-    """Channels per cell kept when the FiLM-ed map is flattened (keeps where things are)."""
-    film_layers: int = 2
-    """Residual FiLM layers conditioning the image on the instruction."""
-    word_dim: int = 32
-    """Mission token embedding size."""
-    instr_dim: int = 64
-    """Instruction GRU hidden size."""
-    state_dim: int = 8
-    """Direction and carrying embedding sizes."""
+    image_channels: int = setting(
+        32, "Channels of the cell embeddings and of the convolutional/FiLM layers."
+    )
+    map_channels: int = setting(
+        8, "Channels per cell kept when the FiLM-ed map is flattened (keeps where things are)."
+    )
+    film_layers: int = setting(2, "Residual FiLM layers conditioning the image on the instruction.")
+    word_dim: int = setting(32, "Mission token embedding size.")
+    instr_dim: int = setting(64, "Instruction GRU hidden size.")
+    state_dim: int = setting(8, "Direction and carrying embedding sizes.")
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+        for field in dataclasses.fields(self):
+            if getattr(self, field.name) <= 0:
+                raise ConfigError(field.name, f"must be > 0, got {getattr(self, field.name)}")
 
     @property
     def output_dim(self) -> int:

@@ -4,16 +4,34 @@ A layer spec lists, per block, the hidden sizes of its experts. Blocks are separ
 and expert sizes by ``,`` (``"32,64,128;64,128,256"``); a list of per-block strings
 (``["32,64,128", "64,128,256"]``, the YAML form) or of integer lists means the same thing.
 Size ``0`` is an identity ("skip") expert with no hidden state.
+
+The config dataclasses of the package (:class:`MoPConfig` here, the encoder's and the training
+config above it) share :func:`setting` (a field with its help text in its metadata),
+:func:`check_fields` (the type checks every config runs in ``__post_init__``) and
+:class:`ConfigError` (an error that names the key).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import math
 import re
+import types
+import typing
 from collections.abc import Sequence
 from typing import Any, Literal
 
-__all__ = ["PRESETS", "MoPConfig", "format_layers", "parse_layers"]
+__all__ = [
+    "DEFAULT_ALPHA",
+    "PRESETS",
+    "ConfigError",
+    "MoPConfig",
+    "check_fields",
+    "format_layers",
+    "parse_layers",
+    "setting",
+]
 
 _SIZE = re.compile(r"^\s*(\d+)\s*$")
 
@@ -83,9 +101,118 @@ def format_layers(layers: Sequence[Sequence[int]]) -> str:
     return ";".join(",".join(str(size) for size in block) for block in layers)
 
 
+DEFAULT_ALPHA = 1e-2
+"""The routing-cost weight ``α`` the package uses by default, in the units ``cost_norm=
+"block_max"`` gives the cost: the paper's pressure (α=1e-5 on raw costs whose largest expert
+costs 32² = 1024 per block) expressed in normalised units, 1e-5 × 1024 ≈ 1e-2. The training
+config and the examples take their default from here."""
+
+
+def setting(default: Any, doc: str, **metadata: Any) -> Any:
+    """A dataclass field with a default, its help text (``metadata["help"]``) and any other
+    marks (``resumable=True``), so that the command line and the docs read them, not the source.
+    (Fields with a mutable default use ``dataclasses.field(default_factory=..., metadata=...)``.)
+
+    Examples:
+        >>> @dataclasses.dataclass
+        ... class Example:
+        ...     size: int = setting(3, "How many.")
+        >>> dataclasses.fields(Example)[0].metadata["help"]
+        'How many.'
+    """
+    return dataclasses.field(default=default, metadata={"help": doc, **metadata})
+
+
+class ConfigError(ValueError):
+    """A config value that is not allowed, naming its key.
+
+    A config that holds another re-raises its errors :meth:`within` its own key, so a bad
+    nested value reads ``config key 'mop.layers': ...``.
+    """
+
+    def __init__(self, key: str, problem: str) -> None:
+        self.key, self.problem = key, problem
+        separator = " " if problem.startswith("must") else ": "
+        super().__init__(f"config key {key!r}{separator}{problem}")
+
+    def __reduce__(self) -> tuple[type, tuple[str, str]]:
+        return type(self), (self.key, self.problem)
+
+    def within(self, section: str) -> ConfigError:
+        """The same error with the key prefixed by the containing section."""
+        return ConfigError(f"{section}.{self.key}", self.problem)
+
+
+@functools.cache
+def _type_hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def check_fields(config: Any) -> None:
+    """Checks every field of a config dataclass against its annotation, in place.
+
+    ``Literal[...]`` values must be one of the choices, ``int`` an int (not a bool), ``float``
+    a finite number (ints become floats), ``str``/``bool`` exactly that, ``X | None`` also
+    ``None``, a dataclass type an instance of it; ``Any`` is left to the class. Errors are
+    :class:`ConfigError` naming the field.
+
+    Examples:
+        >>> @dataclasses.dataclass
+        ... class Example:
+        ...     rate: float = 0.5
+        ...     def __post_init__(self):
+        ...         check_fields(self)
+        >>> Example(rate=1).rate
+        1.0
+        >>> Example(rate="fast")
+        Traceback (most recent call last):
+        ...
+        mop_torchrl.core.config.ConfigError: config key 'rate' must be float, got 'fast'
+    """
+    hints = _type_hints(type(config))
+    for field in dataclasses.fields(config):
+        value = getattr(config, field.name)
+        setattr(config, field.name, _checked(field.name, hints[field.name], value))
+
+
+def _checked(name: str, hint: Any, value: Any) -> Any:
+    if hint is Any:
+        return value
+    union = isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union
+    options = typing.get_args(hint) if union else (hint,)
+    if value is None and type(None) in options:
+        return None
+    for option in options:
+        if typing.get_origin(option) is Literal:
+            if value in typing.get_args(option) and not isinstance(value, bool):
+                return value
+        elif option is float and isinstance(value, int | float) and not isinstance(value, bool):
+            if not math.isfinite(value):
+                raise ConfigError(name, f"must be finite, got {value!r}")
+            return float(value)
+        elif (
+            (option is int and isinstance(value, int) and not isinstance(value, bool))
+            or (option in (str, bool) and type(value) is option)
+            or (dataclasses.is_dataclass(option) and isinstance(value, option))
+        ):
+            return value
+    raise ConfigError(name, f"must be {_describe(options)}, got {value!r}")
+
+
+def _describe(options: tuple[Any, ...]) -> str:
+    return " or ".join(
+        repr(list(typing.get_args(o))) if typing.get_origin(o) is Literal else o.__name__
+        for o in options
+    )
+
+
 @dataclasses.dataclass
 class MoPConfig:
     """Hyper-parameters of a Mixture-of-Pathways core (SPEC section 2).
+
+    The architecture only: the routing-cost objective's settings (``α``, ``ε``, scaled or plain)
+    belong to the loss that uses the cost (``routing_cost_loss``, the training config). Each
+    field's help text is in its metadata (``metadata["help"]``), which ``--help`` shows.
 
     Examples:
         >>> cfg = MoPConfig.from_preset("seed", input_dim=128)
@@ -96,71 +223,53 @@ class MoPConfig:
         >>> MoPConfig(input_dim=8, layers="16,32;;8")
         Traceback (most recent call last):
         ...
-        ValueError: invalid layer spec '16,32;;8': block 1 is empty
+        mop_torchrl.core.config.ConfigError: config key 'layers': invalid layer spec '16,32;;8': block 1 is empty
     """
 
-    input_dim: int = 128
-    """Width of the encoded observation fed to the core."""
-    layers: Any = dataclasses.field(default_factory=lambda: [[32, 64, 128], [64, 128, 256]])
-    """Expert hidden sizes per block (a layer spec; parsed to ``list[list[int]]``)."""
-    intermediate_dim: int = 256
-    """Common width ``D`` of block inputs and outputs."""
-    router_dim: int = 64
-    """Hidden size ``R`` of each block's router GRU."""
-    expert_norm: Literal["layer", "none"] = "layer"
-    """Norm on expert hidden states before the output projection (LayerNorm, not BatchNorm:
-    BatchNorm would couple the envs of a batch and break step/sequence equivalence)."""
-    dropout_beta: float = 0.8
-    """Expert dropout strength ``β`` (training only; 0 disables)."""
-    dropout_gamma: float = 0.1
-    """Expert dropout threshold ``γ``: experts with weight below it may be dropped."""
-    cost_exponent: float = 2.0
-    """Exponent ``c`` of the routing cost ``Σ p_i d_i^c``."""
-    cost_norm: Literal["block_max", "none"] = "block_max"
-    """``block_max``: each block's cost is divided by its largest expert's ``d^c``, so the
-    cost lies in ``[0, num_blocks]`` and ``α`` means the same for every preset; ``none``: the
-    paper's raw ``Σ p_i d_i^c``."""
-    alpha: float = 1e-2
-    """Routing-cost weight ``α`` in the loss (0 disables the cost term). The default is the
-    paper's pressure (α=1e-5 on raw costs whose largest expert costs 32² = 1024 per block)
-    expressed in normalised units: 1e-5 × 1024 ≈ 1e-2."""
-    epsilon: float = 1e-2
-    """``ε`` in the performance-scaled cost ``α·cost/(ε + L)``."""
-    cost_mode: Literal["scaled", "plain"] = "scaled"
-    """``scaled``: ``L + α·cost/(ε+L)`` (the paper); ``plain``: ``L + α·cost``."""
+    input_dim: int = setting(
+        128,
+        "Width of the encoded observation fed to the core (a policy builder sets it from its "
+        "encoder's output width).",
+    )
+    layers: Any = dataclasses.field(
+        default_factory=lambda: [[32, 64, 128], [64, 128, 256]],
+        metadata={
+            "help": 'Expert hidden sizes per block, e.g. "16,32,64;32,64,128" (0: identity expert).'
+        },
+    )
+    intermediate_dim: int = setting(256, "Common width D of block inputs and outputs.")
+    router_dim: int = setting(64, "Hidden size R of each block's router GRU.")
+    expert_norm: Literal["layer", "none"] = setting(
+        "layer",
+        "Norm on expert hidden states before the output projection (LayerNorm, not BatchNorm: "
+        "BatchNorm would couple the envs of a batch and break step/sequence equivalence).",
+    )
+    dropout_beta: float = setting(0.8, "Expert dropout strength β (training only; 0 disables).")
+    dropout_gamma: float = setting(
+        0.1, "Expert dropout threshold γ: experts with weight below it may be dropped."
+    )
+    cost_exponent: float = setting(2.0, "Exponent c of the routing cost Σ p_i d_i^c.")
+    cost_norm: Literal["block_max", "none"] = setting(
+        "block_max",
+        "block_max: each block's cost is divided by its largest expert's d^c, so the cost lies "
+        "in [0, #blocks] and α means the same for every preset; none: the paper's raw Σ p·d^c.",
+    )
 
     def __post_init__(self) -> None:
-        self.layers = parse_layers(self.layers)
+        check_fields(self)
+        try:
+            self.layers = parse_layers(self.layers)
+        except ValueError as err:
+            raise ConfigError("layers", str(err)) from None
         for name in ("input_dim", "intermediate_dim", "router_dim"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ValueError(f"MoPConfig.{name} must be a positive integer, got {value!r}")
-        if self.expert_norm not in ("layer", "none"):
-            raise ValueError(
-                f"MoPConfig.expert_norm must be 'layer' or 'none', got {self.expert_norm!r}"
-            )
-        if self.cost_norm not in ("block_max", "none"):
-            raise ValueError(
-                f"MoPConfig.cost_norm must be 'block_max' or 'none', got {self.cost_norm!r}"
-            )
-        if self.cost_mode not in ("scaled", "plain"):
-            raise ValueError(
-                f"MoPConfig.cost_mode must be 'scaled' or 'plain', got {self.cost_mode!r}"
-            )
+            if getattr(self, name) <= 0:
+                raise ConfigError(name, f"must be > 0, got {getattr(self, name)}")
         if not 0.0 < self.dropout_gamma <= 1.0:
-            raise ValueError(
-                f"MoPConfig.dropout_gamma must be in (0, 1], got {self.dropout_gamma!r}"
-            )
+            raise ConfigError("dropout_gamma", f"must be in (0, 1], got {self.dropout_gamma}")
         if not 0.0 <= self.dropout_beta <= 1.0:
-            raise ValueError(f"MoPConfig.dropout_beta must be in [0, 1], got {self.dropout_beta!r}")
-        if not 0 <= self.alpha < float("inf"):
-            raise ValueError(f"MoPConfig.alpha must be finite and >= 0, got {self.alpha!r}")
-        if not 0 < self.epsilon < float("inf"):
-            raise ValueError(f"MoPConfig.epsilon must be finite and > 0, got {self.epsilon!r}")
-        if not 0 <= self.cost_exponent < float("inf"):
-            raise ValueError(
-                f"MoPConfig.cost_exponent must be finite and >= 0, got {self.cost_exponent!r}"
-            )
+            raise ConfigError("dropout_beta", f"must be in [0, 1], got {self.dropout_beta}")
+        if self.cost_exponent < 0:
+            raise ConfigError("cost_exponent", f"must be >= 0, got {self.cost_exponent}")
 
     @classmethod
     def from_preset(cls, name: str, **overrides: Any) -> MoPConfig:

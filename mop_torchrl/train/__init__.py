@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from mop_torchrl.train.config import TrainConfig, load_config
+from mop_torchrl.train.config import RESUMABLE_CHANGES, TrainConfig, load_config
 
 __all__ = ["TrainConfig", "load_config", "resume", "resume_config", "train"]
 
@@ -21,12 +21,11 @@ def train(config: TrainConfig, resume: bool = False, overwrite: bool = False) ->
     before the disk is touched (:func:`~mop_torchrl.train.run.validate_start`).
 
     Examples:
-        >>> import tempfile
-        >>> config = TrainConfig(num_envs=2, unroll_len=4, num_updates=1, eval_episodes=0,
-        ...                      run_dir=tempfile.mkdtemp(), run_name="doctest")
-        >>> run_dir = train(config)
-        >>> (run_dir / "checkpoint.pt").exists()
-        True
+        >>> config = TrainConfig.from_dict({"task_id": "GoToLocal", "mop_layers": "0,8;8,16"})
+        >>> config.name, config.mop.layers
+        ('imitation-mop-GoToLocal-s0', [[0, 8], [8, 16]])
+
+        ``train(config)`` would then write ``runs/imitation-mop-GoToLocal-s0/``.
     """
     torch.set_num_threads(config.torch_threads)
     if overwrite:
@@ -59,11 +58,10 @@ def resume(run_dir: str | Path, overrides: dict[str, Any] | None = None) -> Path
 def resume_config(run_dir: str | Path, overrides: dict[str, Any] | None = None) -> TrainConfig:
     """The saved config of the run in ``run_dir``, checked for resuming.
 
-    ``overrides`` may change only what does not alter the training so far (``num_updates`` to
-    train for longer, ``log_interval``, ``eval_episodes``, ``logger``).
+    ``overrides`` may change only what does not alter the training so far
+    (:data:`~mop_torchrl.train.config.RESUMABLE_CHANGES`: ``num_updates`` to train for longer,
+    ``log_interval``, ``eval_episodes``, ``logger`` ...).
     """
-    from mop_torchrl.train.run import RESUMABLE_CHANGES
-
     run_dir = Path(run_dir)
     if not (run_dir / "config.yaml").is_file():
         raise FileNotFoundError(f"{str(run_dir)!r} is not a run directory (no config.yaml)")

@@ -1,180 +1,234 @@
-"""``TrainConfig``: every training hyper-parameter as one typed dataclass.
+"""``TrainConfig``: every training setting as one typed tree, validated once.
 
-The YAML files under ``configs/``, the command-line flags (``--task_id``, ``--num_envs``,
-``--mop_layers "16,32;32,64"`` ... the BabyAI integration's names) and the config saved in each
-checkpoint are this one structure, so flags, defaults and help never drift apart. Unknown keys,
-wrong types and impossible values are rejected before any work starts, naming the key.
+``TrainConfig`` holds the run's own settings and two nested configs, ``mop`` (the core's
+architecture, :class:`~mop_torchrl.core.config.MoPConfig`) and ``encoder``
+(:class:`~mop_torchrl.babyai.policy.EncoderConfig`). The YAML files under ``configs/``, the
+command line (generated from the fields by :func:`add_config_arguments`) and the config saved
+in each checkpoint are this one structure, so flags, defaults and help never drift apart.
+
+- Nested keys are written ``mop.layers`` on the command line and ``mop: {layers: ...}`` in
+  YAML; the BabyAI integration's flat names (``--mop_layers``, ``--instr_dim`` ...,
+  :data:`FLAT_KEYS`) are aliases, and so configs saved before the tree was nested still load.
+- ``mop.preset`` (flat: ``mop_preset``) names the preset the other ``mop`` values start from;
+  the saved config holds every resolved value instead.
+- Each dataclass checks its own fields in ``__post_init__``; ``TrainConfig`` adds the rules
+  that tie fields together. Errors name the key (``config key 'mop.layers': ...``).
+- A field's help text and whether a resumed run may change it live in its metadata
+  (``metadata["help"]``, ``metadata["resumable"]``); :data:`RESUMABLE_CHANGES` is read from it.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import itertools
-import math
-import types
 import typing
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 
 from mop_torchrl.babyai.policy import EncoderConfig
-from mop_torchrl.core.config import MoPConfig, format_layers, parse_layers
+from mop_torchrl.core.config import (
+    DEFAULT_ALPHA,
+    PRESETS,
+    ConfigError,
+    MoPConfig,
+    check_fields,
+    setting,
+)
 
-__all__ = ["TrainConfig", "add_config_arguments", "load_config"]
+__all__ = [
+    "FLAT_KEYS",
+    "RESUMABLE_CHANGES",
+    "TrainConfig",
+    "add_config_arguments",
+    "load_config",
+]
 
 
 @dataclasses.dataclass
 class TrainConfig:
-    """Training run settings (CleanRL style: one field, one flag, one line of help)."""
+    """Training run settings (CleanRL style: one field, one flag, one line of help).
 
-    algo: Literal["imitation", "bc", "ppo"] = "imitation"
-    """imitation: online DAgger with bot labels; bc: behaviour cloning from demos; ppo: RL."""
-    task_id: str = "BabyAI-GoToRedBall-v0"
-    """BabyAI level (gymnasium id, or its short name such as GoToLocal); several levels as
-    "GoToRedBall,GoToLocal" (or a YAML list): each env draws its level per episode."""
-    level_weights: str | None = None
-    """Sampling weights of the task_id levels, e.g. "1,1,2" (or a YAML list); default uniform."""
-    policy: Literal["mop", "gru"] = "mop"
-    """Recurrent core: Mixture-of-Pathways or the GRU baseline."""
-    seed: int = 0
-    """Seed for torch, the envs and the samplers."""
-    device: str = "cpu"
-    """Device of the policy and the losses."""
-    torch_threads: int = 1
-    """torch intra-op threads. 1 by default: on a small machine the env and bot share the
-    cores, and OpenMP spin-waiting made 2 threads 7x slower than 1 under that load."""
-    num_envs: int = 16
-    """Environments stepped together."""
-    env_batching: Literal["serial", "parallel"] = "serial"
-    """How envs are batched: one process (SerialEnv) or one worker each (ParallelEnv)."""
-    backend: Literal["inprocess", "multiprocess", "distributed", "ray"] = "inprocess"
-    """Collection backend: in this process, num_workers local processes, torch.distributed
-    workers (see distributed_launcher) or a Ray cluster (the [distributed] extra)."""
-    worker_log_level: Literal["warning", "info", "debug"] = "warning"
-    """backend ray: what the workers' logs send to this console: warnings and errors only, or
-    also info/debug messages."""
-    num_workers: int = 1
-    """Collector workers of the multi-worker backends, num_envs // num_workers envs each."""
-    distributed_launcher: Literal["mp", "submitit"] = "mp"
-    """backend distributed: start the workers on this machine (mp) or as SLURM jobs (submitit,
-    options from the MOP_TORCHRL_SLURM JSON environment variable)."""
-    unroll_len: int = 32
-    """Steps per env per update (truncated BPTT length)."""
-    num_updates: int = 300
-    """Optimizer updates in the run."""
-    lr: float = 1e-3
-    """Adam learning rate."""
-    max_grad_norm: float = 1.0
-    """Gradient clipping norm."""
-    student_action: Literal["greedy", "sample"] = "greedy"
-    """imitation: the student acts greedily or samples from its policy."""
-    buffer_frames: int = 32768
-    """imitation: frames of labelled student rollouts kept for replay (the DAgger dataset)."""
-    updates_per_batch: int = 4
-    """imitation: optimizer updates on replayed slices per collected batch."""
-    burn_in: int = 0
-    """imitation: steps at the start of each replayed slice that refresh the stored hidden
-    state without a loss (R2D2); burn_in + slice_len <= unroll_len."""
-    dagger_beta: float = 0.0
-    """imitation: probability that the bot, not the student, acts (DAgger's β) at update 0."""
-    dagger_beta_updates: int = 0
-    """imitation: updates over which β decays linearly to 0 (0: β stays constant)."""
+    Examples:
+        >>> config = TrainConfig.from_dict({"mop_layers": "0,8;8,16", "encoder": {"instr_dim": 16}})
+        >>> config.mop.layers, config.encoder.instr_dim, config.alpha
+        ([[0, 8], [8, 16]], 16, 0.01)
+        >>> config.to_dict()["mop"]["layers"]
+        '0,8;8,16'
+        >>> TrainConfig.from_dict(config.to_dict()) == config
+        True
+        >>> TrainConfig.from_dict({"mop": {"router_dim": 0}})
+        Traceback (most recent call last):
+        ...
+        mop_torchrl.core.config.ConfigError: config key 'mop.router_dim' must be > 0, got 0
+    """
 
-    mop_preset: Literal["seed", "paper"] = "seed"
-    """MoP preset the mop_* overrides apply to."""
-    mop_layers: str | None = None
-    """Expert sizes per block, e.g. "16,32,64;32,64,128" (default: the preset's)."""
-    mop_intermediate_dim: int | None = None
-    """MoP block width D (default: the preset's)."""
-    mop_router_dim: int | None = None
-    """MoP router hidden size R (default: the preset's)."""
-    alpha: float = 1e-2
-    """Routing-cost weight α (0 disables it), in the units cost_norm gives the cost."""
-    cost_norm: Literal["block_max", "none"] = "block_max"
-    """Routing cost per block divided by its largest expert's d^c (cost in [0, #blocks], α
-    preset-independent: block_max) or the paper's raw Σ p·d^c (none)."""
-    epsilon: float = 1e-2
-    """ε of the performance-scaled routing cost."""
-    cost_mode: Literal["scaled", "plain"] = "scaled"
-    """Routing cost term: L + α·cost/(ε+L) (scaled) or L + α·cost (plain)."""
-    dropout_beta: float = 0.8
-    """Expert dropout strength β."""
-    dropout_gamma: float = 0.1
-    """Expert dropout threshold γ."""
-    gru_hidden_size: int = 512
-    """Hidden size of the GRU baseline core."""
-    image_channels: int = 32
-    """Encoder channels (cell embeddings, conv and FiLM layers)."""
-    instr_dim: int = 64
-    """Instruction GRU size."""
+    algo: Literal["imitation", "bc", "ppo"] = setting(
+        "imitation",
+        "imitation: online DAgger with bot labels; bc: behaviour cloning from demos; ppo: RL.",
+    )
+    task_id: str = setting(
+        "BabyAI-GoToRedBall-v0",
+        "BabyAI level (gymnasium id, or its short name such as GoToLocal); several levels as "
+        '"GoToRedBall,GoToLocal" (or a YAML list): each env draws its level per episode.',
+    )
+    level_weights: str | None = setting(
+        None,
+        'Sampling weights of the task_id levels, e.g. "1,1,2" (or a YAML list); default uniform.',
+    )
+    policy: Literal["mop", "gru"] = setting(
+        "mop", "Recurrent core: Mixture-of-Pathways or the GRU baseline."
+    )
+    seed: int = setting(0, "Seed for torch, the envs and the samplers.")
+    device: str = setting("cpu", "Device of the policy and the losses.")
+    torch_threads: int = setting(
+        1,
+        "torch intra-op threads. 1 by default: on a small machine the env and bot share the "
+        "cores, and OpenMP spin-waiting made 2 threads 7x slower than 1 under that load.",
+    )
+    num_envs: int = setting(16, "Environments stepped together.")
+    env_batching: Literal["serial", "parallel"] = setting(
+        "serial", "How envs are batched: one process (SerialEnv) or one worker each (ParallelEnv)."
+    )
+    backend: Literal["inprocess", "multiprocess", "distributed", "ray"] = setting(
+        "inprocess",
+        "Collection backend: in this process, num_workers local processes, torch.distributed "
+        "workers (see distributed_launcher) or a Ray cluster (the [distributed] extra).",
+    )
+    worker_log_level: Literal["warning", "info", "debug"] = setting(
+        "warning",
+        "backend ray: what the workers' logs send to this console: warnings and errors only, or "
+        "also info/debug messages.",
+        resumable=True,
+    )
+    num_workers: int = setting(
+        1, "Collector workers of the multi-worker backends, num_envs // num_workers envs each."
+    )
+    distributed_launcher: Literal["mp", "submitit"] = setting(
+        "mp",
+        "backend distributed: start the workers on this machine (mp) or as SLURM jobs (submitit, "
+        "options from the MOP_TORCHRL_SLURM JSON environment variable).",
+    )
+    unroll_len: int = setting(32, "Steps per env per update (truncated BPTT length).")
+    num_updates: int = setting(300, "Optimizer updates in the run.", resumable=True)
+    lr: float = setting(1e-3, "Adam learning rate.")
+    max_grad_norm: float = setting(1.0, "Gradient clipping norm.")
+    student_action: Literal["greedy", "sample"] = setting(
+        "greedy", "imitation: the student acts greedily or samples from its policy."
+    )
+    buffer_frames: int = setting(
+        32768,
+        "imitation: frames of labelled student rollouts kept for replay (the DAgger dataset).",
+    )
+    updates_per_batch: int = setting(
+        4, "imitation: optimizer updates on replayed slices per collected batch."
+    )
+    burn_in: int = setting(
+        0,
+        "imitation: steps at the start of each replayed slice that refresh the stored hidden "
+        "state without a loss (R2D2); burn_in + slice_len <= unroll_len.",
+    )
+    dagger_beta: float = setting(
+        0.0, "imitation: probability that the bot, not the student, acts (DAgger's β) at update 0."
+    )
+    dagger_beta_updates: int = setting(
+        0, "imitation: updates over which β decays linearly to 0 (0: β stays constant)."
+    )
 
-    demos: str | None = None
-    """bc: directory of a demo buffer written by `mop-torchrl demos`."""
-    batch_slices: int = 16
-    """imitation, bc: sequences per optimizer update."""
-    slice_len: int | None = None
-    """imitation, bc: length of each sequence (its loss-bearing steps in imitation); default
-    unroll_len - burn_in (imitation: whole collected rows), 32 (bc)."""
+    mop: MoPConfig = dataclasses.field(
+        default_factory=lambda: MoPConfig.from_preset("seed"),
+        metadata={
+            "help": "The Mixture-of-Pathways core (input_dim is not a training setting: the "
+            "policy builder sets it to the encoder's output width)."
+        },
+    )
+    alpha: float = setting(
+        DEFAULT_ALPHA,
+        "Routing-cost weight α (0 disables it), in the units mop.cost_norm gives the cost.",
+    )
+    epsilon: float = setting(1e-2, "ε of the performance-scaled routing cost.")
+    cost_mode: Literal["scaled", "plain"] = setting(
+        "scaled", "Routing cost term: L + α·cost/(ε+L) (scaled, the paper's) or L + α·cost (plain)."
+    )
+    gru_hidden_size: int = setting(512, "Hidden size of the GRU baseline core.")
+    encoder: EncoderConfig = dataclasses.field(
+        default_factory=EncoderConfig, metadata={"help": "The observation encoder."}
+    )
 
-    init_checkpoint: str | None = None
-    """ppo: start from this (imitation) checkpoint's weights."""
-    ppo_epochs: int = 4
-    """ppo: passes over each batch."""
-    minibatches: int = 4
-    """ppo: minibatches per pass (split along envs, sequences kept whole)."""
-    clip_epsilon: float = 0.2
-    """ppo: clipping range."""
-    gamma: float = 0.99
-    """ppo: discount."""
-    gae_lambda: float = 0.95
-    """ppo: GAE λ."""
-    entropy_coef: float = 0.01
-    """ppo: entropy bonus."""
-    critic_coef: float = 0.5
-    """ppo: value loss weight."""
+    demos: str | None = setting(
+        None, "bc: directory of a demo buffer written by `mop-torchrl demos`."
+    )
+    batch_slices: int = setting(16, "imitation, bc: sequences per optimizer update.")
+    slice_len: int | None = setting(
+        None,
+        "imitation, bc: length of each sequence (its loss-bearing steps in imitation); default "
+        "unroll_len - burn_in (imitation: whole collected rows), 32 (bc).",
+    )
 
-    run_dir: str = "runs"
-    """Parent directory of run directories."""
-    run_name: str | None = None
-    """Run directory name (default: <algo>-<policy>-<level>-s<seed>)."""
-    log_interval: int = 10
-    """Updates between log lines."""
-    checkpoint_interval: int = 50
-    """Updates between checkpoints (one is also written at the end)."""
-    eval_episodes: int = 100
-    """Episodes of greedy evaluation at the end of the run (0 skips it)."""
-    eval_interval: int = 0
-    """Updates between held-out evaluations during training, logged as eval/* (success and the
-    grounding probe); 0: only the final evaluation."""
-    eval_interval_episodes: int = 50
-    """Episodes of each evaluation during training (and bot episodes of its grounding probe)."""
-    logger: Literal["csv", "tensorboard", "wandb", "mlflow"] = "csv"
-    """TorchRL logger for the scalars (wandb runs offline; wandb/mlflow must be installed)."""
+    init_checkpoint: str | None = setting(
+        None, "ppo: start from this (imitation) checkpoint's weights."
+    )
+    ppo_epochs: int = setting(4, "ppo: passes over each batch.")
+    minibatches: int = setting(
+        4, "ppo: minibatches per pass (split along envs, sequences kept whole)."
+    )
+    clip_epsilon: float = setting(0.2, "ppo: clipping range.")
+    gamma: float = setting(0.99, "ppo: discount.")
+    gae_lambda: float = setting(0.95, "ppo: GAE λ.")
+    entropy_coef: float = setting(0.01, "ppo: entropy bonus.")
+    critic_coef: float = setting(0.5, "ppo: value loss weight.")
+
+    run_dir: str = setting("runs", "Parent directory of run directories.", resumable=True)
+    run_name: str | None = setting(
+        None, "Run directory name (default: <algo>-<policy>-<level>-s<seed>).", resumable=True
+    )
+    log_interval: int = setting(10, "Updates between log lines.", resumable=True)
+    checkpoint_interval: int = setting(
+        50, "Updates between checkpoints (one is also written at the end)."
+    )
+    eval_episodes: int = setting(
+        100, "Episodes of greedy evaluation at the end of the run (0 skips it).", resumable=True
+    )
+    eval_interval: int = setting(
+        0,
+        "Updates between held-out evaluations during training, logged as eval/* (success and "
+        "the grounding probe); 0: only the final evaluation.",
+        resumable=True,
+    )
+    eval_interval_episodes: int = setting(
+        50,
+        "Episodes of each evaluation during training (and bot episodes of its grounding probe).",
+        resumable=True,
+    )
+    logger: Literal["csv", "tensorboard", "wandb", "mlflow"] = setting(
+        "csv",
+        "TorchRL logger for the scalars (wandb runs offline; wandb/mlflow must be installed).",
+        resumable=True,
+    )
 
     def __post_init__(self) -> None:
-        for field in dataclasses.fields(self):
-            setattr(self, field.name, _coerce(field, getattr(self, field.name)))
+        for name in _LIST_KEYS:  # the YAML list form, stored comma-separated
+            if isinstance(getattr(self, name), list):
+                setattr(self, name, ",".join(str(item) for item in getattr(self, name)))
+        check_fields(self)
         positive = ["num_envs", "unroll_len", "num_updates", "log_interval", "checkpoint_interval"]
-        positive += ["gru_hidden_size", "image_channels", "instr_dim", "batch_slices"]
-        positive += ["ppo_epochs", "minibatches", "torch_threads", "num_workers"]
-        positive += ["updates_per_batch"]
+        positive += ["gru_hidden_size", "batch_slices", "ppo_epochs", "minibatches"]
+        positive += ["torch_threads", "num_workers", "updates_per_batch"]
+        positive += ["lr", "max_grad_norm", "clip_epsilon", "epsilon"]
         for name in positive:
-            if getattr(self, name) <= 0:
-                raise ValueError(f"config key {name!r} must be > 0, got {getattr(self, name)!r}")
-        for name in ("lr", "max_grad_norm", "clip_epsilon"):
             if not getattr(self, name) > 0:
-                raise ValueError(f"config key {name!r} must be > 0, got {getattr(self, name)!r}")
+                raise ConfigError(name, f"must be > 0, got {getattr(self, name)!r}")
+        if self.alpha < 0:
+            raise ConfigError("alpha", f"must be >= 0, got {self.alpha!r}")
         for name in ("gamma", "gae_lambda"):
             if not 0 <= getattr(self, name) <= 1:
-                raise ValueError(
-                    f"config key {name!r} must be in [0, 1], got {getattr(self, name)}"
-                )
+                raise ConfigError(name, f"must be in [0, 1], got {getattr(self, name)}")
         if self.slice_len is None:
             self.slice_len = self.unroll_len - self.burn_in if self.algo == "imitation" else 32
         if self.slice_len <= 0:
-            raise ValueError(f"config key 'slice_len' must be > 0, got {self.slice_len}")
+            raise ConfigError("slice_len", f"must be > 0, got {self.slice_len}")
         if self.algo == "imitation":
             if self.burn_in < 0 or self.burn_in + self.slice_len > self.unroll_len:
                 raise ValueError(
@@ -200,7 +254,7 @@ class TrainConfig:
                 f"'eval_interval_episodes' ({self.eval_interval_episodes}) > 0"
             )
         if self.eval_episodes < 0:
-            raise ValueError(f"config key 'eval_episodes' must be >= 0, got {self.eval_episodes}")
+            raise ConfigError("eval_episodes", f"must be >= 0, got {self.eval_episodes}")
         if self.algo == "bc" and not self.demos:
             raise ValueError("config key 'demos' is required with algo 'bc'")
         if self.algo == "ppo" and self.num_envs % self.minibatches:
@@ -218,32 +272,6 @@ class TrainConfig:
                 f"config key 'num_workers' ({self.num_workers}) must divide num_envs "
                 f"({self.num_envs})"
             )
-        if self.mop_layers is not None:
-            try:
-                self.mop_layers = format_layers(parse_layers(self.mop_layers))
-            except ValueError as err:
-                raise ValueError(f"config key 'mop_layers': {err}") from None
-        self.mop_config()  # validates the MoP values, naming the key
-
-    def mop_config(self) -> MoPConfig:
-        """The MoP core config (``input_dim`` is set by the policy builder)."""
-        overrides = {
-            "layers": self.mop_layers,
-            "intermediate_dim": self.mop_intermediate_dim,
-            "router_dim": self.mop_router_dim,
-            "alpha": self.alpha,
-            "cost_norm": self.cost_norm,
-            "epsilon": self.epsilon,
-            "cost_mode": self.cost_mode,
-            "dropout_beta": self.dropout_beta,
-            "dropout_gamma": self.dropout_gamma,
-        }
-        return MoPConfig.from_preset(
-            self.mop_preset, **{k: v for k, v in overrides.items() if v is not None}
-        )
-
-    def encoder_config(self) -> EncoderConfig:
-        return EncoderConfig(image_channels=self.image_channels, instr_dim=self.instr_dim)
 
     @property
     def levels(self) -> list[str]:
@@ -252,6 +280,7 @@ class TrainConfig:
 
     @property
     def name(self) -> str:
+        """The run directory's name: ``run_name``, or ``<algo>-<policy>-<level>-s<seed>``."""
         levels = self.levels
         level = levels[0].removeprefix("BabyAI-").removesuffix("-v0")
         if len(levels) > 1:
@@ -259,72 +288,133 @@ class TrainConfig:
         return self.run_name or f"{self.algo}-{self.policy}-{level}-s{self.seed}"
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """The nested, YAML-friendly form (``mop`` as its ``to_dict``, layers a spec string)."""
+        out = {}
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if isinstance(value, MoPConfig):
+                value = {k: v for k, v in value.to_dict().items() if k not in _BUILDER_KEYS}
+            elif dataclasses.is_dataclass(value):
+                value = dataclasses.asdict(value)
+            out[field.name] = value
+        return out
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown config keys {unknown}")
-        return cls(**data)
+    def from_dict(cls, data: Mapping[str, Any]) -> TrainConfig:
+        """Builds a config from its nested form, the flat form (:data:`FLAT_KEYS`, as saved
+        by earlier versions) or a mix; dotted keys (``"mop.layers"``) work too. Unknown keys
+        are an error naming them."""
+        values = _nested(data)
+        sections = {}
+        for name, section in _SECTIONS.items():
+            given = dict(values.pop(name, {}))
+            try:
+                if section is MoPConfig:
+                    preset = given.pop(PRESET_KEY, "seed")
+                    if preset not in PRESETS:
+                        raise ConfigError(
+                            PRESET_KEY, f"must be one of {sorted(PRESETS)}, got {preset!r}"
+                        )
+                    sections[name] = MoPConfig.from_preset(preset, **given)
+                else:
+                    sections[name] = section(**given)
+            except ConfigError as err:
+                raise err.within(name) from None
+        return cls(**values, **sections)
 
+
+FLAT_KEYS: dict[str, str] = {
+    "mop_preset": "mop.preset",
+    "mop_layers": "mop.layers",
+    "mop_intermediate_dim": "mop.intermediate_dim",
+    "mop_router_dim": "mop.router_dim",
+    "cost_norm": "mop.cost_norm",
+    "dropout_beta": "mop.dropout_beta",
+    "dropout_gamma": "mop.dropout_gamma",
+    "image_channels": "encoder.image_channels",
+    "instr_dim": "encoder.instr_dim",
+}
+"""Flat names of nested keys: the BabyAI integration's flags (``--mop_layers``...) and the keys
+of configs saved before the tree was nested. Accepted wherever a config is read."""
+
+RESUMABLE_CHANGES: frozenset[str] = frozenset(
+    field.name for field in dataclasses.fields(TrainConfig) if field.metadata.get("resumable")
+)
+"""Top-level keys a resumed run may change (they do not alter the training so far): the fields
+marked ``resumable`` in their metadata."""
+
+PRESET_KEY = "preset"
+"""The key in the ``mop`` section naming the preset its other values start from."""
+
+_SECTIONS: dict[str, type] = {"mop": MoPConfig, "encoder": EncoderConfig}
+"""The nested configs of :class:`TrainConfig`, by field name."""
+
+_BUILDER_KEYS = ("input_dim",)
+"""MoPConfig keys the policy builder sets; not part of a training config."""
+
+_PRESET_NONE = ("mop_layers", "mop_intermediate_dim", "mop_router_dim")
+"""Flat keys whose ``None`` (in configs saved before the tree was nested) meant "the preset's"."""
 
 _LIST_KEYS = ("task_id", "level_weights")
 """String keys that also accept a YAML list, stored comma-separated."""
 
 
-def _coerce(field: dataclasses.Field, value: Any) -> Any:
-    """Checks ``value`` against the field's annotation; ints are accepted for floats."""
-    hint = typing.get_type_hints(TrainConfig)[field.name]
-    options = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
-    if value is None and type(None) in options:
-        return None
-    for option in options:
-        if typing.get_origin(option) is Literal:
-            if value in typing.get_args(option):
-                return value
-        elif option is float and isinstance(value, int | float) and not isinstance(value, bool):
-            if not math.isfinite(value):
-                raise ValueError(f"config key {field.name!r} must be finite, got {value!r}")
-            return float(value)
-        elif (
-            (option is int and isinstance(value, int) and not isinstance(value, bool))
-            or (option is bool and isinstance(value, bool))
-            or (option is str and isinstance(value, str))
-        ):
-            return value
-        elif option is str and field.name == "mop_layers" and isinstance(value, list):
-            return format_layers(parse_layers(value))  # the YAML list form
-        elif option is str and field.name in _LIST_KEYS and isinstance(value, list):
-            return ",".join(str(item) for item in value)  # the YAML list form
-    expected = " or ".join(
-        repr(list(typing.get_args(o))) if typing.get_origin(o) is Literal else o.__name__
-        for o in options
-    )
-    raise ValueError(f"config key {field.name!r} must be {expected}, got {value!r}")
+def _section_keys(name: str) -> list[str]:
+    keys = [f.name for f in dataclasses.fields(_SECTIONS[name]) if f.name not in _BUILDER_KEYS]
+    return [PRESET_KEY, *keys] if _SECTIONS[name] is MoPConfig else keys
 
 
-def add_config_arguments(parser: argparse.ArgumentParser) -> None:
-    """Adds one ``--<field>`` flag per ``TrainConfig`` field (default: not given)."""
-    hints = typing.get_type_hints(TrainConfig)
-    docs = _field_docs()
-    for field in dataclasses.fields(TrainConfig):
-        options = typing.get_args(hints[field.name])
-        hint = hints[field.name]
-        kwargs: dict[str, Any] = {"default": argparse.SUPPRESS, "help": docs.get(field.name, "")}
-        if typing.get_origin(hint) is Literal:
-            kwargs["choices"] = list(typing.get_args(hint))
+def _nested(data: Mapping[str, Any]) -> dict[str, Any]:
+    """``data`` with flat and dotted keys moved into their sections; unknown keys are an error."""
+    if not isinstance(data, Mapping):
+        raise ValueError(f"a config must be a mapping of keys to values, got {data!r}")
+    items: list[tuple[str, Any]] = []
+    for key, value in data.items():
+        if key in _PRESET_NONE and value is None:
+            continue
+        key = FLAT_KEYS.get(key, key)
+        if key in _SECTIONS:
+            if not isinstance(value, Mapping):
+                raise ValueError(f"config key {key!r} must be a mapping of keys to values")
+            items += [(f"{key}.{sub}", sub_value) for sub, sub_value in value.items()]
         else:
-            base = next(o for o in (options or (hint,)) if o is not type(None))
-            kwargs["type"] = base
-        parser.add_argument(f"--{field.name}", **kwargs)
+            items.append((key, value))
+    top = {f.name for f in dataclasses.fields(TrainConfig)} - set(_SECTIONS)
+    known = top | {f"{s}.{k}" for s in _SECTIONS for k in _section_keys(s)}
+    unknown = sorted(str(key) for key, _ in items if key not in known)
+    builder = [key for key in unknown if key.partition(".")[2] in _BUILDER_KEYS]
+    if builder:
+        raise ValueError(
+            f"config key {builder[0]!r} is set by the policy builder (the encoder's output "
+            "width), not by the config"
+        )
+    if unknown:
+        raise ValueError(f"unknown config keys {unknown}")
+    out: dict[str, Any] = {}
+    for key, value in items:
+        section, _, sub = key.partition(".")
+        target, name = (out.setdefault(section, {}), sub) if sub else (out, key)
+        if name in target:
+            flat = [k for k, v in FLAT_KEYS.items() if v == key]
+            raise ValueError(f"config key {key!r} is given twice (also as {flat[0]!r})")
+        target[name] = value
+    return out
+
+
+def _merged(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """Nested ``base`` updated by nested ``overrides``, section by section."""
+    out = {**base, **overrides}
+    for name in _SECTIONS:
+        if name in base and name in overrides:
+            out[name] = {**base[name], **overrides[name]}
+    return out
 
 
 def load_config(
-    path: str | Path | None = None, overrides: dict[str, Any] | None = None
+    path: str | Path | None = None, overrides: Mapping[str, Any] | None = None
 ) -> TrainConfig:
-    """Reads a YAML config (optional) and applies overrides; errors name the offending key."""
+    """Reads a YAML config (optional) and applies overrides (nested, dotted or flat keys);
+    errors name the offending key."""
     data: dict[str, Any] = {}
     if path is not None:
         path = Path(path)
@@ -343,20 +433,64 @@ def load_config(
             ) from None
         if not isinstance(loaded, dict):
             raise ValueError(f"config file {str(path)!r} must hold a mapping of keys to values")
-        data.update(loaded)
-    data.update(overrides or {})
-    return TrainConfig.from_dict(data)
+        data = _nested(loaded)
+    return TrainConfig.from_dict(_merged(data, _nested(overrides or {})))
 
 
-def _field_docs() -> dict[str, str]:
-    """Field docstrings (the string literal after each field) for ``--help``."""
-    import ast
-    import inspect
+# ------------------------------------------------------------------------ the command line
+def add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    """Adds one flag per config key, generated from the fields: ``--num_envs``, and per nested
+    key ``--mop.layers`` (``dest`` ``"mop.layers"``), with its :data:`FLAT_KEYS` spelling
+    (``--mop_layers``) as an alias. No flag has a default: an unset flag leaves the YAML's
+    value (or the field's default) in place.
 
-    tree = ast.parse(inspect.getsource(TrainConfig))
-    body = tree.body[0].body
-    docs = {}
-    for node, following in itertools.pairwise(body):
-        if isinstance(node, ast.AnnAssign) and isinstance(following, ast.Expr):
-            docs[node.target.id] = following.value.value
-    return docs
+    Plain ``argparse`` rather than a CLI library: the tree is two levels deep with a handful of
+    aliases, and the console script's one-line errors (``_Parser.error``) and the ``bench``
+    hand-off already live on argparse; a dependency would buy little here.
+    """
+    aliases: dict[str, list[str]] = {}
+    for flat, dotted in FLAT_KEYS.items():
+        aliases.setdefault(dotted, []).append(flat)
+    hints = typing.get_type_hints(TrainConfig)
+    for field in dataclasses.fields(TrainConfig):
+        if field.name not in _SECTIONS:
+            _add_flag(parser, field.name, hints[field.name], _help(field), [])
+    for name, section in _SECTIONS.items():
+        field = next(f for f in dataclasses.fields(TrainConfig) if f.name == name)
+        group = parser.add_argument_group(name, field.metadata["help"])
+        section_hints = typing.get_type_hints(section)
+        for key in _section_keys(name):
+            dotted = f"{name}.{key}"
+            if key == PRESET_KEY:
+                hint: Any = Literal[tuple(PRESETS)]
+                text = f"MoP preset the other {name}.* values start from (default: seed)."
+            else:
+                sub = next(f for f in dataclasses.fields(section) if f.name == key)
+                hint = section_hints[key]
+                text = _help(sub, preset=section is MoPConfig)
+            _add_flag(group, dotted, hint, text, aliases.get(dotted, []))
+
+
+def _help(field: dataclasses.Field, preset: bool = False) -> str:
+    if preset and any(field.name in values for values in PRESETS.values()):
+        default = "the preset's"
+    elif field.default not in (dataclasses.MISSING, None):
+        default = field.default
+    else:
+        return field.metadata.get("help", "")
+    return f"{field.metadata.get('help', '')} (default: {default})"
+
+
+def _add_flag(
+    parser: argparse._ActionsContainer, key: str, hint: Any, text: str, aliases: list[str]
+) -> None:
+    kwargs: dict[str, Any] = {"default": argparse.SUPPRESS, "help": text.replace("%", "%%")}
+    base = next((o for o in typing.get_args(hint) if o is not type(None)), hint)
+    if typing.get_origin(hint) is Literal:
+        kwargs["choices"] = list(typing.get_args(hint))
+    elif base in (int, float):
+        kwargs.update(type=base, metavar=base.__name__.upper())
+    else:
+        kwargs["metavar"] = "SPEC" if key.endswith(".layers") else "STR"
+    flags = [f"--{key}", *(f"--{alias}" for alias in aliases)]
+    parser.add_argument(*flags, dest=key, **kwargs)

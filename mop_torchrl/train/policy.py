@@ -15,12 +15,13 @@ __all__ = ["build_policy", "load_actor", "load_modules"]
 
 
 def build_policy(config: TrainConfig) -> tuple[nn.Module, nn.Module]:
-    """The actor and critic a config describes."""
+    """The actor and critic a config describes (``config.mop``'s ``input_dim`` is set to the
+    encoder's output width by :func:`~mop_torchrl.babyai.policy.make_policy`)."""
     return make_policy(
         config.policy,
-        mop=config.mop_config(),
+        mop=config.mop,
         gru_hidden_size=config.gru_hidden_size,
-        encoder=config.encoder_config(),
+        encoder=config.encoder,
     )
 
 
