@@ -21,7 +21,7 @@ from mop_torchrl.babyai.envs import make_babyai_env
 from mop_torchrl.babyai.policy import make_policy
 
 parser = argparse.ArgumentParser()
-parser.add_argument("--level", default="GoToLocal")
+parser.add_argument("--task_id", "--level", default="GoToLocal", help="BabyAI level")
 parser.add_argument("--num_envs", type=int, default=4)
 parser.add_argument("--frames", type=int, default=1024)
 parser.add_argument("--slice_len", type=int, default=8)
@@ -37,7 +37,7 @@ core = actor.module[0].module[1]
 print("hidden-state keys:", core.state_keys)
 
 # 2. A collector over batched BabyAI envs; it adds the primer for the hidden states itself.
-env = make_babyai_env(args.level, num_envs=args.num_envs, seed=args.seed, parallel=False)
+env = make_babyai_env(args.task_id, num_envs=args.num_envs, seed=args.seed, parallel=False)
 collector = Collector(
     env,
     actor,

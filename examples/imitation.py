@@ -1,6 +1,6 @@
 """Online imitation (DAgger-style) of the BabyAI bot with a MoP policy, in one page.
 
-    python examples/imitation.py --level GoToRedBall --num_updates 100
+    python examples/imitation.py --task_id GoToRedBall --num_updates 100
 
 The student acts greedily; the bot, running inside each env, labels every step with
 ``expert_action``; each update replays the unroll in recurrent mode from the stored hidden
@@ -23,7 +23,7 @@ from mop_torchrl.babyai.policy import make_policy
 from mop_torchrl.core.config import DEFAULT_ALPHA
 
 parser = argparse.ArgumentParser()
-parser.add_argument("--level", default="GoToRedBall")
+parser.add_argument("--task_id", "--level", default="GoToRedBall", help="BabyAI level")
 parser.add_argument("--num_envs", type=int, default=16)
 parser.add_argument("--unroll_len", type=int, default=32)
 parser.add_argument("--num_updates", type=int, default=100)
@@ -39,7 +39,7 @@ actor, _ = make_policy("mop", mop=mop)
 logits_module = actor.module[0]  # encoder -> MoP core -> logits (no sampling)
 optimizer = torch.optim.Adam(actor.parameters(), lr=args.lr)
 env = make_babyai_env(
-    args.level, num_envs=args.num_envs, seed=args.seed, expert=True, parallel=False
+    args.task_id, num_envs=args.num_envs, seed=args.seed, expert=True, parallel=False
 )
 frames = args.num_envs * args.unroll_len
 collector = Collector(

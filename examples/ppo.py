@@ -1,6 +1,6 @@
 """PPO on BabyAI with a recurrent MoP actor-critic, in one page.
 
-    python examples/ppo.py --level GoToRedBall --num_updates 200
+    python examples/ppo.py --task_id GoToRedBall --num_updates 200
 
 ClipPPOLoss replays each env's unroll in recurrent mode by itself; GAE does not, so it runs
 inside ``set_recurrent_mode(True)``. Episode ends are treated as terminal, as BabyAI's own PPO does. The packaged
@@ -21,7 +21,7 @@ from mop_torchrl.babyai.envs import make_babyai_env
 from mop_torchrl.babyai.policy import make_policy
 
 parser = argparse.ArgumentParser()
-parser.add_argument("--level", default="GoToRedBall")
+parser.add_argument("--task_id", "--level", default="GoToRedBall", help="BabyAI level")
 parser.add_argument("--num_envs", type=int, default=16)
 parser.add_argument("--unroll_len", type=int, default=32)
 parser.add_argument("--num_updates", type=int, default=200)
@@ -37,7 +37,7 @@ actor, critic = make_policy("mop", mop=MoPConfig.from_preset("paper"))
 loss_module = ClipPPOLoss(actor, critic, entropy_coeff=0.01, normalize_advantage=True)
 advantage = GAE(gamma=0.99, lmbda=0.95, value_network=critic, shifted=True)
 optimizer = torch.optim.Adam(loss_module.parameters(), lr=args.lr)
-env = make_babyai_env(args.level, num_envs=args.num_envs, seed=args.seed, parallel=False)
+env = make_babyai_env(args.task_id, num_envs=args.num_envs, seed=args.seed, parallel=False)
 frames = args.num_envs * args.unroll_len
 collector = Collector(
     env,

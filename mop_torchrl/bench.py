@@ -327,25 +327,35 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--repeats", type=int, default=None)
-    parser.add_argument("--preset", default="seed")
+    parser.add_argument("--mop_preset", default="seed", help="MoP preset of the cores timed")
     parser.add_argument("--batches", default=",".join(map(str, STEP_BATCHES)), help="step")
-    parser.add_argument("--no-cuda-graphs", action="store_true", help="step")
+    parser.add_argument("--no_cuda_graphs", action="store_true", help="step")
     parser.add_argument("--compile", action="store_true", help="step: add torch.compile")
     parser.add_argument("--batch", type=int, default=64, help="sequence")
     parser.add_argument("--steps", type=int, default=32, help="sequence")
-    parser.add_argument("--reset-prob", type=float, default=0.05, help="sequence")
-    parser.add_argument("--level", default="BabyAI-GoToLocal-v0", help="collector")
-    parser.add_argument("--num-envs", type=int, default=2, help="collector: env workers")
+    parser.add_argument("--reset_prob", type=float, default=0.05, help="sequence")
+    parser.add_argument("--task_id", default="BabyAI-GoToLocal-v0", help="collector: level")
+    parser.add_argument("--num_envs", type=int, default=2, help="collector: env workers")
     parser.add_argument("--serial", action="store_true", help="collector: SerialEnv")
     parser.add_argument("--frames", type=int, default=2048, help="collector: frames timed")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
-    parser.add_argument("--out-dir", default="bench_results")
+    parser.add_argument("--out_dir", default="bench_results")
     parser.add_argument("--out", default=None, help="JSON path (one benchmark only)")
+    # Earlier spellings, accepted but not listed: one style (underscores) in --help.
+    for old, dest, kwargs in (
+        ("--preset", "mop_preset", {}),
+        ("--no-cuda-graphs", "no_cuda_graphs", {"action": "store_true"}),
+        ("--reset-prob", "reset_prob", {"type": float}),
+        ("--level", "task_id", {}),
+        ("--num-envs", "num_envs", {"type": int}),
+        ("--out-dir", "out_dir", {}),
+    ):
+        parser.add_argument(old, dest=dest, help=argparse.SUPPRESS, **kwargs)
     args = parser.parse_args(argv)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     which = ("step", "sequence", "collector") if args.benchmark == "all" else (args.benchmark,)
-    common = {"device": args.device, "preset": args.preset}
+    common = {"device": args.device, "preset": args.mop_preset}
     if args.repeats is not None:
         common["repeats"] = args.repeats
     for name in which:
@@ -360,12 +370,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
         else:
             result = run_collector_benchmark(
-                args.level,
+                args.task_id,
                 args.num_envs,
                 parallel=not args.serial,
                 frames=args.frames,
                 repeats=common.get("repeats", 3),
-                preset=args.preset,
+                preset=args.mop_preset,
             )
         out = Path(args.out if args.out and len(which) == 1 else Path(args.out_dir, f"{name}.json"))
         out.parent.mkdir(parents=True, exist_ok=True)

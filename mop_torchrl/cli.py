@@ -1,5 +1,10 @@
 """The ``mop-torchrl`` command line: ``train``, ``eval``, ``demos``, ``bench``, ``routes``.
 
+``train``'s flags are generated from :class:`~mop_torchrl.train.config.TrainConfig`
+(``--num_envs``, ``--mop.layers`` and its flat alias ``--mop_layers`` ...). Every flag is spelt
+with underscores, and the level(s) are ``--task_id`` in every command; the older spellings
+(``--disable-largest``, ``routes --level`` ...) still work but are not listed in ``--help``.
+
 Errors a user can cause (bad config or flags, unusable files or directories, a run that cannot
 start) print one line on stderr and exit non-zero (2 for usage and config errors, 1 for the
 others, 130 after Ctrl-C); anything else is a bug and keeps its traceback.
@@ -33,8 +38,6 @@ def _train(args: argparse.Namespace) -> None:
     try:
         if args.resume and args.config:
             raise ValueError("--resume uses the run's saved config: drop --config")
-        if args.resume and args.overwrite:
-            raise ValueError("--resume and --overwrite exclude each other")
         if args.resume:
             config = resume_config(args.resume, overrides)
         else:
@@ -79,9 +82,11 @@ def _eval(args: argparse.Namespace) -> None:
 def _demos(args: argparse.Namespace) -> None:
     from mop_torchrl.babyai.demos import DemoError, generate_demos
 
+    if args.task_id is None:
+        _fail("demos", "the following arguments are required: --task_id (see --help)", 2)
     try:
         summary = generate_demos(
-            args.level,
+            args.task_id,
             args.episodes,
             args.out,
             num_workers=args.workers,
@@ -144,7 +149,7 @@ def _routes(args: argparse.Namespace) -> None:
     actor, config = load_actor(args.checkpoint)
     try:
         layers = [list(block) for block in mop_cores(actor)[0].config.layers]
-        level = ",".join(resolve_levels(args.level or config.task_id))
+        level = ",".join(resolve_levels(args.task_id or config.task_id))
     except ValueError as err:
         _fail("routes", err, USAGE_ERROR)
     out = Path(args.out)
@@ -191,6 +196,11 @@ def _routes(args: argparse.Namespace) -> None:
     print(f"  plots:   {out / 'plots'}/ ({len(plots)} PNG)")
 
 
+def _old_spelling(parser: argparse.ArgumentParser, flag: str, dest: str, **kwargs) -> None:
+    """Accepts a flag's earlier spelling (``--disable-largest``, ``--level``) without listing it."""
+    parser.add_argument(flag, dest=dest, help=argparse.SUPPRESS, **kwargs)
+
+
 class _Parser(argparse.ArgumentParser):
     """An argument parser whose errors are one line (the full usage is in ``--help``)."""
 
@@ -231,14 +241,16 @@ def build_parser() -> argparse.ArgumentParser:
         "--task_id", default=None, help="level(s), comma-separated (default: every training level)"
     )
     evaluate.add_argument("--threshold", type=_fraction, default=0.0, help="MoP weight threshold τ")
-    evaluate.add_argument("--disable-largest", action="store_true", help="MoP: no largest expert")
+    evaluate.add_argument("--disable_largest", action="store_true", help="MoP: no largest expert")
+    _old_spelling(evaluate, "--disable-largest", "disable_largest", action="store_true")
     evaluate.add_argument("--json", action="store_true", help="print one JSON object")
     evaluate.set_defaults(func=_eval)
 
     demos = commands.add_parser(
         "demos", help="generate BabyAI bot demonstrations into an on-disk replay buffer"
     )
-    demos.add_argument("--level", required=True, help="BabyAI level (GoToLocal or full id)")
+    demos.add_argument("--task_id", help="BabyAI level (GoToLocal or full id); required")
+    _old_spelling(demos, "--level", "task_id")
     demos.add_argument("--episodes", type=_positive_int, required=True, help="episodes to add")
     demos.add_argument("--out", required=True, help="demo directory (appends if it exists)")
     demos.add_argument("--workers", type=_positive_int, default=2, help="worker processes")
@@ -255,30 +267,35 @@ def build_parser() -> argparse.ArgumentParser:
     )
     routes.add_argument("--out", required=True, help="output folder")
     routes.add_argument(
-        "--level", default=None, help="level(s), comma-separated (default: every training level)"
+        "--task_id", default=None, help="level(s), comma-separated (default: every training level)"
     )
+    _old_spelling(routes, "--level", "task_id")
     routes.add_argument("--seed", type=int, default=0)
     routes.add_argument("--threshold", type=_fraction, default=0.0, help="MoP weight threshold τ")
-    routes.add_argument("--disable-largest", action="store_true", help="MoP: no largest expert")
+    routes.add_argument("--disable_largest", action="store_true", help="MoP: no largest expert")
     routes.add_argument("--sweep", action="store_true", help="also run the ablation sweep")
     routes.add_argument(
-        "--sweep-thresholds",
+        "--sweep_thresholds",
         type=_floats,
         default=(0.0, 0.1, 0.2, 0.3),
         help="comma-separated τ values of the sweep, each with and without the largest expert",
     )
     routes.add_argument(
-        "--sweep-episodes",
+        "--sweep_episodes",
         type=_positive_int,
         default=None,
         help="episodes per sweep setting (--episodes)",
     )
     routes.add_argument(
-        "--plot-episodes",
+        "--plot_episodes",
         type=_positive_int,
         default=3,
         help="episodes with their own spatial/timeline",
     )
+    _old_spelling(routes, "--disable-largest", "disable_largest", action="store_true")
+    _old_spelling(routes, "--sweep-thresholds", "sweep_thresholds", type=_floats)
+    _old_spelling(routes, "--sweep-episodes", "sweep_episodes", type=_positive_int)
+    _old_spelling(routes, "--plot-episodes", "plot_episodes", type=_positive_int)
     routes.set_defaults(func=_routes)
     # Listed for --help; `main` hands its arguments to mop_torchrl.bench's own parser.
     commands.add_parser("bench", help="policy step / recurrent training throughput benchmarks")

@@ -23,7 +23,7 @@ from hypothesis import strategies as st
 from test_train import TINY
 
 from mop_torchrl.babyai.demos import generate_demos, open_demos
-from mop_torchrl.cli import main
+from mop_torchrl.cli import build_parser, main
 from mop_torchrl.train import TrainConfig
 from mop_torchrl.train.checkpoint import load_checkpoint, save_checkpoint
 from mop_torchrl.train.policy import build_policy
@@ -149,7 +149,7 @@ def test_checkpoint_misuse(tmp_path):
     gru = tmp_path / "gru"
     saved_run(gru, update=1, policy="gru")
     result = cli("eval", "--checkpoint", gru, "--threshold", 0.2)
-    assert_one_line_error(result, "holds a 'gru' policy: --threshold/--disable-largest apply")
+    assert_one_line_error(result, "holds a 'gru' policy: --threshold/--disable_largest apply")
     for episodes in (0, -3):
         result = cli("eval", "--checkpoint", gru, "--episodes", episodes)
         assert_one_line_error(result, "--episodes: expected an integer >= 1", 2)
@@ -274,7 +274,14 @@ _bad_flag = st.one_of(
     st.tuples(st.sampled_from(["num_envs", "seed", "lr"]), st.text(min_size=1).filter(
         lambda s: not _is_number(s)
     )),
-    st.tuples(st.just("mop_layers"), st.text(max_size=10).filter(lambda s: not _parses(s))),
+    st.tuples(
+        st.sampled_from(["mop_layers", "mop.layers"]),
+        st.text(max_size=10).filter(lambda s: not _parses(s)),
+    ),
+    st.tuples(
+        st.sampled_from(["mop.router_dim", "instr_dim", "encoder.word_dim", "mop.dropout_beta"]),
+        st.sampled_from(["0", "-1", "2.5", "inf", "x"]),
+    ),
     st.tuples(st.sampled_from(["policy", "algo", "backend"]), st.text(max_size=8)),
     st.tuples(st.just("task_id"), st.text(min_size=1, max_size=20)),
 )  # fmt: skip
@@ -366,3 +373,49 @@ def test_multilevel_eval_and_bad_level_as_the_console_script_prints_them(tmp_pat
     assert "GoToRedBall" in printed and "GoToLocal" in printed, result.stdout
     bad = cli("train", "--task_id", "GoToRedBall,GoToLocl", "--run_dir", tmp_path, *TINY_FLAGS)
     assert_one_line_error(bad, "GoToLocal")
+
+
+def test_one_spelling_with_the_old_ones_still_accepted():
+    """Flags are spelt with underscores and the level is ``--task_id`` in every command; the
+    earlier spellings parse to the same arguments without being listed in ``--help``."""
+    parser = build_parser()
+    common = ["--checkpoint", "c", "--out", "o"]
+    new = parser.parse_args(
+        ["routes", *common, "--task_id", "GoToLocal", "--disable_largest", "--sweep_thresholds",
+         "0,0.1", "--sweep_episodes", "2", "--plot_episodes", "1"]
+    )  # fmt: skip
+    old = parser.parse_args(
+        ["routes", *common, "--level", "GoToLocal", "--disable-largest", "--sweep-thresholds",
+         "0,0.1", "--sweep-episodes", "2", "--plot-episodes", "1"]
+    )  # fmt: skip
+    assert (
+        vars(new) == vars(old) and new.task_id == "GoToLocal" and new.sweep_thresholds == (0, 0.1)
+    )
+    evaluate = ["eval", "--checkpoint", "c"]
+    assert parser.parse_args([*evaluate, "--disable-largest"]).disable_largest
+    assert parser.parse_args([*evaluate, "--disable_largest"]).disable_largest
+    assert not parser.parse_args(evaluate).disable_largest
+    demos = ["demos", "--episodes", "1", "--out", "o"]
+    assert parser.parse_args([*demos, "--level", "GoToLocal"]).task_id == "GoToLocal"
+    assert parser.parse_args([*demos, "--task_id", "GoToLocal"]).task_id == "GoToLocal"
+    for command in ("eval", "routes", "demos", "train"):
+        text = parser._subparsers._group_actions[0].choices[command].format_help()
+        flags = [flag.strip("[],") for flag in text.split() if flag.startswith(("--", "[--"))]
+        assert "--task_id" in flags and "--level" not in flags
+        assert not [flag for flag in flags if "-" in flag[2:]], command
+    with pytest.raises(SystemExit), contextlib.redirect_stderr(io.StringIO()) as err:
+        main(["demos", "--episodes", "1", "--out", "o"])
+    assert "required: --task_id" in err.getvalue()
+
+
+def test_bench_flags_one_spelling():
+    from mop_torchrl import bench
+
+    text = io.StringIO()
+    with pytest.raises(SystemExit), contextlib.redirect_stdout(text):
+        bench.main(["--help"])
+    flags = [
+        flag.strip("[],") for flag in text.getvalue().split() if flag.startswith(("--", "[--"))
+    ]
+    assert "--num_envs" in flags and "--task_id" in flags and "--mop_preset" in flags
+    assert not [flag for flag in flags if "-" in flag.lstrip("[-")]

@@ -175,7 +175,7 @@ def evaluate_checkpoint(
     if (weight_threshold or disable_largest) and not cores:
         raise CheckpointError(
             f"checkpoint {str(checkpoint)!r} holds a {config.policy!r} policy: "
-            "--threshold/--disable-largest apply to MoP policies only"
+            "--threshold/--disable_largest apply to MoP policies only"
         )
     for core in cores:
         core.set_inference_knobs(weight_threshold=weight_threshold, disable_largest=disable_largest)
