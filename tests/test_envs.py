@@ -5,9 +5,10 @@ from minigrid.utils.baby_ai_bot import BabyAIBot
 from torchrl.envs import ParallelEnv, SerialEnv
 from torchrl.envs.utils import check_env_specs
 
-from mop_torchrl.babyai.envs import make_babyai_env, make_babyai_gym_env, worker_seeds
+from mop_torchrl.babyai.envs import make_babyai_env, worker_seeds
 from mop_torchrl.babyai.levels import babyai_levels, resolve_level
 from mop_torchrl.babyai.tokenizer import MAX_MISSION_TOKENS, MissionTokenizer
+from mop_torchrl.babyai.wrappers import make_babyai_gym_env
 
 LEVEL = "BabyAI-GoToLocal-v0"
 

@@ -13,8 +13,9 @@ from mop_torchrl.analysis.pathways import (
     write_summary_csv,
 )
 from mop_torchrl.analysis.record import record_routes
-from mop_torchrl.babyai.envs import LevelMixture, make_babyai_env
+from mop_torchrl.babyai.envs import make_babyai_env
 from mop_torchrl.babyai.levels import parse_level_weights, resolve_levels
+from mop_torchrl.babyai.wrappers import LevelMixture
 from mop_torchrl.train import TrainConfig, train
 from mop_torchrl.train.evaluate import evaluate
 from mop_torchrl.train.policy import load_actor

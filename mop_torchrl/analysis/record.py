@@ -1,14 +1,14 @@
 """Record a MoP policy's routing on real BabyAI episodes, and sweep the ablation knobs.
 
-:func:`record_routes` fills the routes and episodes tables of
-:mod:`mop_torchrl.analysis.schema` by running greedy episodes in ONE gymnasium env built with
-:func:`~mop_torchrl.babyai.envs.make_babyai_gym_env` (``expert=True``), in a hand-written loop: the
-agent's position, direction, carrying state, doors and objects are read from the unwrapped
-minigrid env (which a batched TorchRL env would hide in a worker), and the actor is called one
-step at a time on an unbatched :class:`~tensordict.TensorDict` whose hidden states the loop
-carries as a TorchRL collector would (the next observation is written under ``"next"`` beside
-the states the actor wrote there, and :func:`~torchrl.envs.utils.step_mdp` moves them to the
-root; zeros and ``is_init=True`` at each reset).
+:func:`record_routes` fills the routes and episodes tables of :mod:`mop_torchrl.analysis.schema`
+by running greedy episodes in ONE gymnasium env built with
+:func:`~mop_torchrl.babyai.wrappers.make_babyai_gym_env` (``expert=True``), in a hand-written
+loop: the agent's position, direction, carrying state, doors and objects are read from the
+unwrapped minigrid env (which a batched TorchRL env would hide in a worker), and the actor is
+called one step at a time on an unbatched :class:`~tensordict.TensorDict` whose hidden states
+the loop carries as a TorchRL collector would (the next observation is written under ``"next"``
+beside the states the actor wrote there, and :func:`~torchrl.envs.utils.step_mdp` moves them to
+the root; zeros and ``is_init=True`` at each reset).
 
 The env is seeded like env 0 of :func:`~mop_torchrl.train.evaluate.evaluate` with
 ``num_envs=1`` (``worker_seeds(seed + EVAL_SEED_OFFSET, 1)[0]``), so a recording replays the
@@ -50,9 +50,10 @@ from torchrl.envs.utils import step_mdp
 
 from mop_torchrl.analysis.schema import validate_episodes, validate_routes
 from mop_torchrl.analysis.tables import write_tables
-from mop_torchrl.babyai.envs import make_babyai_gym_env, worker_seeds
+from mop_torchrl.babyai.envs import worker_seeds
 from mop_torchrl.babyai.levels import resolve_levels
 from mop_torchrl.babyai.semantics import mission_type, step_event
+from mop_torchrl.babyai.wrappers import make_babyai_gym_env
 from mop_torchrl.core.module import MoPModule
 
 __all__ = ["FRAMES_DIR", "mop_cores", "record_routes", "sweep_ablation"]

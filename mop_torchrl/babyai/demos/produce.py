@@ -106,7 +106,7 @@ def _gym_worker(
     import signal
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and stops us
-    from mop_torchrl.babyai.envs import make_babyai_gym_env
+    from mop_torchrl.babyai.wrappers import make_babyai_gym_env
 
     schema = demo_keys()
     dtypes = {k: str(dtype).removeprefix("torch.") for k, (_, dtype) in schema.items()}
