@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torchrl.modules import set_recurrent_mode
 
+from mop_torchrl.babyai.policy import policy_parts
 from mop_torchrl.train.checkpoint import load_checkpoint
 from mop_torchrl.train.dagger import DaggerDataset
 from mop_torchrl.train.policy import load_actor
@@ -45,7 +46,7 @@ def score(actor, rows, start: int, mode: str) -> dict[str, float]:
         if mode == "zero":  # without stored states the core starts from zeros at is_init
             data = data.exclude("recurrent_state")
     with set_recurrent_mode(True):
-        logits = actor.module[0](data)["logits"][:, -(rows.shape[1] - start) :]
+        logits = policy_parts(actor).logits(data)["logits"][:, -(rows.shape[1] - start) :]
     labels = rows["expert_action"][:, start:]
     valid = labels >= 0
     return {

@@ -18,7 +18,7 @@ from torchrl.modules import set_recurrent_mode
 
 from mop_torchrl import MoPConfig
 from mop_torchrl.babyai.envs import make_babyai_env
-from mop_torchrl.babyai.policy import make_policy
+from mop_torchrl.babyai.policy import make_policy, policy_parts
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--task_id", "--level", default="GoToLocal", help="BabyAI level")
@@ -33,7 +33,7 @@ torch.set_num_threads(1)
 # 1. A MoP actor: encoder -> MoPModule -> logits -> categorical action.
 actor, _ = make_policy("mop", mop=MoPConfig.from_preset("paper"))
 actor.eval()
-core = actor.module[0].module[1]
+core = policy_parts(actor).core
 print("hidden-state keys:", core.state_keys)
 
 # 2. A collector over batched BabyAI envs; it adds the primer for the hidden states itself.
@@ -63,7 +63,7 @@ with tempfile.TemporaryDirectory() as scratch:
 
 # 4. Replay in recurrent mode (what TorchRL losses do) and compare with collection time.
 with set_recurrent_mode(True), torch.no_grad():
-    replayed = actor.module[0](sample.exclude("logits").clone())
+    replayed = policy_parts(actor).logits(sample.exclude("logits").clone())
 error = (replayed["logits"] - sample["logits"]).abs().max().item()
 print(f"max |logits(replay) - logits(collection)| = {error:.2e}")
 print("routing weights of block 0 (first slice):")

@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from mop_torchrl import MoPConfig, routing_cost_loss
 from mop_torchrl.babyai.envs import make_babyai_env
-from mop_torchrl.babyai.policy import make_policy
+from mop_torchrl.babyai.policy import make_policy, policy_parts
 from mop_torchrl.core.config import DEFAULT_ALPHA
 
 parser = argparse.ArgumentParser()
@@ -36,7 +36,7 @@ torch.set_num_threads(1)
 
 mop = MoPConfig.from_preset("seed")
 actor, _ = make_policy("mop", mop=mop)
-logits_module = actor.module[0]  # encoder -> MoP core -> logits (no sampling)
+logits_module = policy_parts(actor).logits  # encoder -> MoP core -> logits (no sampling)
 optimizer = torch.optim.Adam(actor.parameters(), lr=args.lr)
 env = make_babyai_env(
     args.task_id, num_envs=args.num_envs, seed=args.seed, expert=True, parallel=False
@@ -65,6 +65,7 @@ for data in bar:
     valid = labels >= 0  # -1: the bot failed to plan for this step
     task_loss = F.cross_entropy(out["logits"][valid], labels[valid])
     loss = routing_cost_loss(task_loss, out["routing", "cost"], args.alpha)
+    # (the package's loop uses mop_torchrl.train.losses.ImitationLoss: these lines as a LossModule)
     optimizer.zero_grad()
     loss.backward()
     torch.nn.utils.clip_grad_norm_(actor.parameters(), 1.0)

@@ -8,7 +8,7 @@ from torchrl.modules import GRUModule, LSTMModule
 
 from mop_torchrl import MoPConfig, MoPModule
 from mop_torchrl.babyai.envs import make_babyai_env
-from mop_torchrl.babyai.policy import EncoderConfig, ObservationEncoder, make_policy
+from mop_torchrl.babyai.policy import EncoderConfig, ObservationEncoder, make_policy, policy_parts
 
 SMALL = {
     "mop": MoPConfig(layers="0,8;8,16", intermediate_dim=16, router_dim=8),
@@ -37,13 +37,15 @@ def test_encoder_rejects_out_of_range_cells():
 def test_gru_baseline_differs_only_in_the_core():
     mop_actor, _ = make_policy("mop", **SMALL)
     gru_actor, _ = make_policy("gru", gru_hidden_size=16, encoder=SMALL["encoder"])
-    mop_parts, gru_parts = mop_actor.module[0].module, gru_actor.module[0].module
-    assert [type(m.module) for m in (mop_parts[0], mop_parts[2])] == [
-        type(m.module) for m in (gru_parts[0], gru_parts[2])
+    mop_parts, gru_parts = policy_parts(mop_actor), policy_parts(gru_actor)
+    assert [type(m.module) for m in (mop_parts.encoder, mop_parts.head)] == [
+        type(m.module) for m in (gru_parts.encoder, gru_parts.head)
     ]
-    assert isinstance(mop_parts[1], MoPModule) and isinstance(gru_parts[1], GRUModule)
+    assert isinstance(mop_parts.core, MoPModule) and isinstance(gru_parts.core, GRUModule)
+    written = [k for k in mop_parts.logits.out_keys if k in ("embed", "features", "logits")]
+    assert written == ["embed", "features", "logits"]  # encoder → core → head
     lstm_actor, _ = make_policy("lstm", gru_hidden_size=16, encoder=SMALL["encoder"])
-    assert isinstance(lstm_actor.module[0].module[1], LSTMModule)
+    assert isinstance(policy_parts(lstm_actor).core, LSTMModule)
     with pytest.raises(ValueError, match="transformer"):
         make_policy("transformer")
 
@@ -133,3 +135,19 @@ def test_gae_runs_the_critic_under_vmap():
         with torch.no_grad(), set_recurrent_mode(True):
             advantages.append(gae(data.clone())["advantage"])
     torch.testing.assert_close(advantages[0], advantages[1])
+
+
+def test_state_dict_names_are_those_of_checkpoints_written_before_the_parts_were_named():
+    """policy_parts selects by key; the positional state-dict names (what load_modules compares
+    with a checkpoint's) are those the pre-issue-18 layout wrote."""
+    for kind, count, core_key in [
+        ("mop", 64, "module.0.module.1.core.input_proj.weight"),
+        ("gru", 26, "module.0.module.1.gru.weight_ih_l0"),
+    ]:
+        actor, critic = make_policy(kind, gru_hidden_size=16, **SMALL)
+        names, critic_names = list(actor.state_dict()), list(critic.state_dict())
+        assert len(names) == len(critic_names) == count
+        assert names[0] == "module.0.module.0.module.cell_embedding.weight"
+        assert core_key in names and names[-1] == "module.0.module.2.module.bias"
+        assert critic_names[0] == "module.0.module.cell_embedding.weight"
+        assert critic_names[-1] == "module.2.module.bias"

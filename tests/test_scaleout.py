@@ -11,6 +11,7 @@ from tensordict import TensorDict
 from torchrl.modules import set_recurrent_mode
 
 from mop_torchrl import MoPModule
+from mop_torchrl.babyai.policy import policy_parts
 from mop_torchrl.train import TrainConfig, train
 from mop_torchrl.train.collection import env_factories, segment_batches
 from mop_torchrl.train.policy import build_policy
@@ -32,7 +33,7 @@ HAS_RAY = importlib.util.find_spec("ray") is not None
 def replay_logits(actor, data):
     """The actor's own recurrent-mode replay of a collected ``[B, T]`` batch."""
     with torch.no_grad(), set_recurrent_mode(True):
-        return actor.module[0](data.copy())["logits"]
+        return policy_parts(actor).logits(data.copy())["logits"]
 
 
 def head(actor) -> torch.nn.Linear:

@@ -17,13 +17,14 @@ runs over all tokens instead: the actor step then has no data-dependent shape or
 compiles as one graph (``fullgraph=True``, with ``torch._dynamo.config.allow_rnn = True``,
 without which dynamo refuses any ``nn.GRU``), the CPU-side proof that a CUDA graph can capture it.
 
-``make_policy(kind="mop" | "gru")`` swaps only the recurrent core between the two policies.
+``make_policy(kind="mop" | "gru")`` swaps only the recurrent core between the two policies;
+:func:`policy_parts` names an actor's parts (encoder, core, head) by the keys they write.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -42,7 +43,7 @@ from mop_torchrl.core.config import ConfigError, MoPConfig, check_fields, settin
 from mop_torchrl.core.fused import functorch_active, gru_recurrence
 from mop_torchrl.core.module import MoPModule
 
-__all__ = ["EncoderConfig", "ObservationEncoder", "make_policy"]
+__all__ = ["EncoderConfig", "ObservationEncoder", "PolicyParts", "make_policy", "policy_parts"]
 
 # minigrid's OBJECT_TO_IDX has 11 entries, COLOR_TO_IDX 6, STATE_TO_IDX 3.
 _ATTRIBUTE_SIZES = (11, 6, 3)
@@ -255,3 +256,46 @@ def make_policy(
     value_head = TensorDictModule(nn.Linear(feature_dim, 1), ["features"], ["state_value"])
     critic = TensorDictSequential(encode, core, value_head)
     return actor, critic
+
+
+class PolicyParts(NamedTuple):
+    """An actor's parts, each a TensorDict module (see :func:`policy_parts`)."""
+
+    encoder: TensorDictModuleBase
+    """Observations → ``"embed"``."""
+    core: TensorDictModuleBase
+    """``"embed"``, the stored state and ``"is_init"`` → ``"features"`` (and ``"routing"``, MoP)."""
+    head: TensorDictModuleBase
+    """``"features"`` → ``"logits"``."""
+    logits: TensorDictSequential
+    """The three in order: the actor without sampling (its ``det_part``). Run it in recurrent
+    mode to replay ``[B, T]`` sequences."""
+
+
+def policy_parts(actor: ProbabilisticActor) -> PolicyParts:
+    """The parts of a :func:`make_policy` actor, selected by the key each one writes.
+
+    Selection by key, not position, so that code reads ``policy_parts(actor).core`` and the
+    checkpoint's state-dict names (positional, ``module.0.module.1...``) stay as they were.
+
+    Examples:
+        >>> actor, _ = make_policy("gru", gru_hidden_size=16)
+        >>> parts = policy_parts(actor)
+        >>> type(parts.core).__name__, parts.head.out_keys, parts.logits.out_keys[-1]
+        ('GRUModule', ['logits'], 'logits')
+    """
+    leaves = [
+        m
+        for m in actor.modules()
+        if isinstance(m, TensorDictModuleBase) and not isinstance(m, TensorDictSequential)
+    ]
+    writers = {
+        key: [m for m in leaves if key in m.out_keys] for key in ("embed", "features", "logits")
+    }
+    for key, found in writers.items():
+        if len(found) != 1:
+            raise ValueError(
+                f"expected one module writing {key!r} in the actor, found {len(found)}"
+            )
+    encoder, core, head = (found[0] for found in writers.values())
+    return PolicyParts(encoder, core, head, actor.det_part)
