@@ -1,0 +1,236 @@
+"""The training objectives as TorchRL ``LossModule``s: imitation, and PPO with the routing cost.
+
+Both return ``loss_*`` terms (the optimizer minimises their sum) and detached metrics, all as
+tensors: nothing here reads a value back to Python. The routing-cost settings (α, ε, the
+``scaled``/``plain`` form) belong to the objective, not to the architecture; the math is
+:func:`~mop_torchrl.core.model.routing_cost_loss`'s.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from tensordict import NestedKey, TensorDict, TensorDictBase
+from tensordict.nn import ProbabilisticTensorDictSequential, TensorDictModuleBase
+from tensordict.utils import unravel_key
+from torchrl.modules import set_recurrent_mode
+from torchrl.objectives import ClipPPOLoss, LossModule
+
+from mop_torchrl.core.model import routing_cost_loss
+
+__all__ = ["ImitationLoss", "RoutingClipPPOLoss", "routing_metrics", "total_loss"]
+
+
+def routing_metrics(
+    td: TensorDictBase, routing: NestedKey = "routing", cost: NestedKey = ("routing", "cost")
+) -> TensorDict:
+    """Detached ``routing_cost`` (mean per step) and each block's mean weight per expert.
+
+    ``td`` holds the policy's routing outputs: per block the weights ``[*B, k]`` under the
+    ``routing`` root, and the per-step ``cost``. Expert weights land under
+    ``("expert_weight", "block{l}")`` as ``[k]`` vectors.
+
+    Examples:
+        >>> import torch
+        >>> td = TensorDict(routing=TensorDict(
+        ...     cost=torch.tensor([1.0, 3.0]), block0=torch.tensor([[1.0, 0.0], [0.5, 0.5]]),
+        ...     batch_size=[2]), batch_size=[2])
+        >>> out = routing_metrics(td)
+        >>> out["routing_cost"].item(), out["expert_weight", "block0"].tolist()
+        (2.0, [0.75, 0.25])
+    """
+    root, cost = _as_tuple(routing), _as_tuple(cost)
+    out = TensorDict(routing_cost=td.get(cost).detach().mean())
+    for key, weights in td.get(root).items(include_nested=True, leaves_only=True):
+        if root + _as_tuple(key) != cost:
+            out["expert_weight", key] = weights.detach().reshape(-1, weights.shape[-1]).mean(0)
+    return out
+
+
+def _as_tuple(key: NestedKey) -> tuple[str, ...]:
+    key = unravel_key(key)
+    return key if isinstance(key, tuple) else (key,)
+
+
+class ImitationLoss(LossModule):
+    """Cross-entropy to an expert's actions over ``[B, T]`` sequences, plus MoP's routing cost.
+
+    The policy is replayed in recurrent mode (``set_recurrent_mode(True)``) on the batch, from
+    the hidden states stored at collection time, so gradients flow through time (truncated
+    BPTT). Steps labelled ``-1`` (a bot failure, a burn-in step) count for nothing.
+
+    Args:
+        policy: the actor (its deterministic part, ``det_part``, is what runs: no sampling) or
+            any module writing the logits, e.g. ``policy_parts(actor).logits``.
+
+    Keyword Args:
+        alpha (float): routing-cost weight α (``0``: the task loss alone). Default ``1e-2``.
+        epsilon (float): ε of the scaled form ``α·cost/(ε + L)``. Default ``1e-2``.
+        cost_mode (str): ``"scaled"`` (the paper's) or ``"plain"`` (``α·cost``).
+
+    Returns (from ``forward``), a TensorDict of scalars unless noted:
+        ``loss_imitation`` (the cross-entropy ``L``), ``loss_routing`` (MoP only: the routing
+        term, so ``loss_imitation + loss_routing`` equals
+        ``routing_cost_loss(L, cost, alpha, epsilon, cost_mode)``), and detached metrics:
+        ``accuracy`` (greedy action = label, over labelled steps), ``label_fraction``,
+        ``routing_cost`` and ``("expert_weight", "block{l}")`` ``[k]`` (MoP only).
+
+    Keys (:meth:`set_keys`): ``expert_action`` (the label), ``logits``, ``routing_cost``
+    (``("routing", "cost")``) and ``routing`` (the root of the routing outputs).
+
+    Examples:
+        >>> import torch
+        >>> from tensordict import TensorDict
+        >>> from mop_torchrl import MoPConfig
+        >>> from mop_torchrl.babyai.policy import EncoderConfig, make_policy
+        >>> actor, _ = make_policy(
+        ...     "mop", mop=MoPConfig(layers="0,8;8,16", intermediate_dim=16, router_dim=8),
+        ...     encoder=EncoderConfig(image_channels=8, instr_dim=16))
+        >>> B, T = 2, 5
+        >>> batch = TensorDict(
+        ...     image=torch.randint(3, (B, T, 7, 7, 3), dtype=torch.uint8),
+        ...     direction=torch.randint(4, (B, T)), carrying=torch.zeros(B, T, dtype=torch.long),
+        ...     mission=torch.randint(1, 9, (B, T, 6)), is_init=torch.ones(B, T, 1, dtype=torch.bool),
+        ...     expert_action=torch.tensor([[0, 1, 2, -1, 3], [4, 5, 6, 0, -1]]), batch_size=[B, T])
+        >>> loss = ImitationLoss(actor, alpha=1e-2)
+        >>> out = loss(batch)  # is_init everywhere: no stored states needed
+        >>> sorted(k for k in out.keys() if k.startswith("loss_"))
+        ['loss_imitation', 'loss_routing']
+        >>> (out["loss_imitation"] + out["loss_routing"]).backward()
+        >>> round(out["label_fraction"].item(), 3), out["expert_weight", "block0"].shape
+        (0.8, torch.Size([2]))
+    """
+
+    @dataclass
+    class _AcceptedKeys:
+        """Tensordict keys the loss reads (change them with :meth:`set_keys`).
+
+        Attributes:
+            expert_action (NestedKey): the label, int64 ``[B, T]``; ``-1`` is ignored.
+            logits (NestedKey): what the policy writes, ``[B, T, num_actions]``.
+            routing_cost (NestedKey): the per-step routing cost the policy writes (MoP).
+            routing (NestedKey): the root of the routing outputs (per-block expert weights).
+        """
+
+        expert_action: NestedKey = "expert_action"
+        logits: NestedKey = "logits"
+        routing_cost: NestedKey = ("routing", "cost")
+        routing: NestedKey = "routing"
+
+    default_keys = _AcceptedKeys
+    tensor_keys: _AcceptedKeys
+
+    def __init__(
+        self,
+        policy: TensorDictModuleBase,
+        *,
+        alpha: float = 1e-2,
+        epsilon: float = 1e-2,
+        cost_mode: Literal["scaled", "plain"] = "scaled",
+    ) -> None:
+        if not 0 <= alpha < float("inf"):
+            raise ValueError(f"alpha must be finite and >= 0, got {alpha!r}")
+        if not 0 < epsilon < float("inf"):
+            raise ValueError(f"epsilon must be finite and > 0, got {epsilon!r}")
+        if cost_mode not in ("scaled", "plain"):
+            raise ValueError(f"cost_mode must be 'scaled' or 'plain', got {cost_mode!r}")
+        super().__init__()
+        if isinstance(policy, ProbabilisticTensorDictSequential):
+            policy = policy.det_part  # the logits; the loss never samples
+        self.policy = policy
+        self.alpha, self.epsilon, self.cost_mode = alpha, epsilon, cost_mode
+
+    def _forward_value_estimator_keys(self, **kwargs) -> None:
+        pass  # no value estimator
+
+    @property
+    def in_keys(self) -> list[NestedKey]:
+        return [*self.policy.in_keys, self.tensor_keys.expert_action]
+
+    @property
+    def out_keys(self) -> list[NestedKey]:
+        return ["loss_imitation", "loss_routing", "accuracy", "label_fraction", "routing_cost"]
+
+    def forward(self, tensordict: TensorDictBase) -> TensorDict:
+        keys = self.tensor_keys
+        with set_recurrent_mode(True):  # LossModule enters it too; here for the reader
+            out = self.policy(tensordict.copy())  # a shallow copy: the input stays as it was
+        logits = out.get(keys.logits)
+        labels = tensordict.get(keys.expert_action).reshape(logits.shape[:-1])
+        valid = labels >= 0
+        task = F.cross_entropy(logits[valid], labels[valid])
+        hits = (logits.detach().argmax(-1) == labels) & valid
+        result = TensorDict(
+            loss_imitation=task,
+            accuracy=hits.sum() / valid.sum(),
+            label_fraction=valid.float().mean(),
+        )
+        cost = out.get(keys.routing_cost, None)
+        if cost is not None:  # MoP; a GRU/LSTM core writes no routing outputs
+            total = routing_cost_loss(task, cost, self.alpha, self.epsilon, self.cost_mode)
+            result["loss_routing"] = total - task
+            result.update(routing_metrics(out, keys.routing, keys.routing_cost))
+        return result
+
+
+class RoutingClipPPOLoss(ClipPPOLoss):
+    """:class:`~torchrl.objectives.ClipPPOLoss` that also returns the routing cost of its own
+    actor pass (``loss_routing = α·cost``, the plain form) and the routing metrics.
+
+    ``ClipPPOLoss`` runs the actor on a shallow copy of its input (to get the distribution)
+    and keeps only the log-probabilities; MoP's routing outputs, written by that same pass,
+    were lost, and the cost needed a second actor pass. This keeps them from
+    :meth:`_get_cur_log_prob`, the one place the current actor runs (the critic writes the
+    routing keys again later, from its own pass: they are taken before). The plain form:
+    the scaled one divides by the task loss, which PPO's objective is not (it is not positive).
+
+    Args:
+        actor, critic: as for ``ClipPPOLoss``.
+
+    Keyword Args:
+        alpha (float): routing-cost weight (``0``: the metrics only).
+        routing (NestedKey): root of the routing outputs; its ``"cost"`` entry is the cost.
+        **kwargs: ``ClipPPOLoss``'s (``clip_epsilon``, ``entropy_coeff``, ...).
+    """
+
+    def __init__(
+        self,
+        actor: ProbabilisticTensorDictSequential,
+        critic: TensorDictModuleBase,
+        *,
+        alpha: float = 1e-2,
+        routing: NestedKey = "routing",
+        **kwargs,
+    ) -> None:
+        super().__init__(actor, critic, **kwargs)
+        self.alpha = alpha
+        self.routing_key = routing
+        self._routing: TensorDictBase | None = None
+
+    def _get_cur_log_prob(self, tensordict: TensorDictBase, params=None):
+        result = super()._get_cur_log_prob(tensordict, params)
+        if params is None:  # the current actor (a proximal/target pass passes its params)
+            # A copy: the critic's pass writes the same keys into ``tensordict`` later.
+            found = self.routing_key in tensordict.keys(include_nested=True)
+            self._routing = tensordict.select(self.routing_key).copy() if found else None
+        return result
+
+    def forward(self, tensordict: TensorDictBase) -> TensorDictBase:
+        losses = super().forward(tensordict)
+        routing, self._routing = self._routing, None
+        if routing is not None:
+            cost_key = (*_as_tuple(self.routing_key), "cost")
+            cost = routing.get(cost_key)
+            losses["loss_routing"] = routing_cost_loss(
+                cost.new_zeros(()), cost, self.alpha, mode="plain"
+            )
+            losses.update(routing_metrics(routing, self.routing_key, cost_key))
+        return losses
+
+
+def total_loss(losses: TensorDictBase) -> torch.Tensor:
+    """The sum of a loss module's ``loss_*`` terms (what the optimizer minimises)."""
+    return sum(value for key, value in losses.items() if key.startswith("loss_"))
