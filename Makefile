@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 $(STAMP): setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e ".[test,tensorboard,parquet]"
+	$(BIN)/pip install -q -e ".[test,tensorboard]"
 	touch $(STAMP)
 
 install: $(STAMP)
