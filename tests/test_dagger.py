@@ -12,13 +12,12 @@ from torchrl.modules import set_recurrent_mode
 
 from mop_torchrl import MoPConfig
 from mop_torchrl.babyai.envs import make_babyai_env
-from mop_torchrl.babyai.policy import make_policy
+from mop_torchrl.babyai.policy import make_policy, policy_parts
 from mop_torchrl.core.model import MoPCore
-from mop_torchrl.train import TrainConfig
 from mop_torchrl.train.checkpoint import load_checkpoint
 from mop_torchrl.train.dagger import BotMixer, DaggerDataset
 from mop_torchrl.train.evaluate import bot_episodes, grounding_probe
-from mop_torchrl.train.imitation import imitation_loss
+from mop_torchrl.train.losses import ImitationLoss
 
 SMALL_MOP = MoPConfig.from_preset("seed", layers="0,8;8,16", intermediate_dim=16, router_dim=8)
 
@@ -57,7 +56,7 @@ def test_replayed_slices_reproduce_collection_outputs(collected, burn_in):
         assert (sample["expert_action"][:, :burn_in] == -1).all()
     stored = sample["logits"].clone()
     with set_recurrent_mode(True), torch.no_grad():
-        replayed = actor.module[0](sample.exclude("logits"))["logits"]
+        replayed = policy_parts(actor).logits(sample.exclude("logits"))["logits"]
     torch.testing.assert_close(replayed, stored, atol=1e-5, rtol=1e-5)
 
 
@@ -76,10 +75,9 @@ def test_labels_of_minus_one_are_ignored(collected):
     actor, batches = collected
     data = batches[0].clone()
     data["expert_action"][:, ::2] = -1
-    config = TrainConfig(alpha=0.0)
-    loss, _ = imitation_loss(actor, data, config)
+    loss = ImitationLoss(actor, alpha=0.0)(data)["loss_imitation"]
     with set_recurrent_mode(True), torch.no_grad():
-        logits = actor.module[0](data.copy())["logits"]
+        logits = policy_parts(actor).logits(data.copy())["logits"]
     valid = data["expert_action"] >= 0
     expected = torch.nn.functional.cross_entropy(logits[valid], data["expert_action"][valid])
     torch.testing.assert_close(loss.detach(), expected, atol=1e-6, rtol=1e-6)

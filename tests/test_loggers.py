@@ -7,12 +7,12 @@ import importlib.util
 import pytest
 from torchrl.record.loggers import CSVLogger, TensorboardLogger
 
-from mop_torchrl.train import run as run_module
+from mop_torchrl.train import logs as logs_module
 from mop_torchrl.train.config import TrainConfig
 
 
 def test_csv_logger_writes_scalars(tmp_path):
-    logger = run_module.make_logger("csv", tmp_path)
+    logger = logs_module.make_logger("csv", tmp_path)
     assert isinstance(logger, CSVLogger)
     logger.log_scalar("train/loss", 0.5, step=3)
     logger.log_scalar("train/loss", 0.25, step=4)
@@ -22,7 +22,7 @@ def test_csv_logger_writes_scalars(tmp_path):
 
 @pytest.mark.skipif(importlib.util.find_spec("tensorboard") is None, reason="needs tensorboard")
 def test_tensorboard_logger_writes_events(tmp_path):
-    logger = run_module.make_logger("tensorboard", tmp_path)
+    logger = logs_module.make_logger("tensorboard", tmp_path)
     assert isinstance(logger, TensorboardLogger)
     logger.log_scalar("train/loss", 0.5, step=1)
     logger.experiment.flush()
@@ -36,7 +36,7 @@ def test_missing_logger_package_is_one_line_error(kind, tmp_path, monkeypatch):
         importlib.util, "find_spec", lambda name: None if name == kind else real_find_spec(name)
     )
     with pytest.raises(ImportError, match=rf"^--logger {kind} needs the '{kind}' package") as err:
-        run_module.make_logger(kind, tmp_path)
+        logs_module.make_logger(kind, tmp_path)
     assert "\n" not in str(err.value)
 
 
@@ -47,14 +47,14 @@ def test_every_choice_goes_through_torchrl_get_logger(kind, tmp_path, monkeypatc
     monkeypatch.setattr(
         "torchrl.record.loggers.get_logger", lambda *args, **kwargs: calls.append((args, kwargs))
     )
-    run_module.make_logger(kind, tmp_path)
+    logs_module.make_logger(kind, tmp_path)
     ((args, kwargs),) = calls
     assert args == (kind, str(tmp_path), "logs")
     assert kwargs["wandb_kwargs"]["offline"] is True  # W&B never needs the network
 
 
 def test_config_accepts_every_factory_choice_and_names_a_wrong_one():
-    for kind in run_module.LOGGER_PACKAGES:
+    for kind in logs_module.LOGGER_PACKAGES:
         assert TrainConfig(logger=kind).logger == kind
     with pytest.raises(ValueError, match="logger"):
         TrainConfig(logger="neptune")

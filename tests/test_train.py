@@ -8,9 +8,9 @@ import yaml
 
 from mop_torchrl.cli import main
 from mop_torchrl.train import TrainConfig, load_config, resume, train
-from mop_torchrl.train import imitation as imitation_module
 from mop_torchrl.train.checkpoint import CheckpointError, load_checkpoint
 from mop_torchrl.train.evaluate import evaluate_checkpoint
+from mop_torchrl.train.losses import ImitationLoss
 from mop_torchrl.train.run import NonFiniteLossError, RunError
 
 TINY = {
@@ -71,15 +71,17 @@ def test_legacy_checkpoint_with_numpy_rng_state_loads_data_only(tmp_path):
 @pytest.mark.parametrize("bad_call, kept", [(3, "the checkpoint of update 2 was kept"),
                                              (1, "no checkpoint was written yet")])  # fmt: skip
 def test_non_finite_loss_stops_and_keeps_last_checkpoint(tmp_path, monkeypatch, bad_call, kept):
-    real_loss = imitation_module.imitation_loss
+    real_forward = ImitationLoss.forward
     calls = []
 
-    def poisoned(actor, data, config):
-        loss, metrics = real_loss(actor, data, config)
+    def poisoned(self, data):
+        losses = real_forward(self, data)
         calls.append(1)
-        return (loss * torch.nan if len(calls) == bad_call else loss), metrics
+        if len(calls) == bad_call:
+            losses["loss_imitation"] = losses["loss_imitation"] * torch.nan
+        return losses
 
-    monkeypatch.setattr(imitation_module, "imitation_loss", poisoned)
+    monkeypatch.setattr(ImitationLoss, "forward", poisoned)
     config = tiny(tmp_path, num_updates=4, checkpoint_interval=2, updates_per_batch=1)
     with pytest.raises(NonFiniteLossError, match=f"update {bad_call - 1}: stopping; {kept}"):
         train(config)

@@ -43,7 +43,7 @@ from torch import nn
 from torchrl.collectors import BaseCollector, Collector, MultiSyncCollector
 from torchrl.envs import EnvBase
 
-from mop_torchrl.babyai.envs import make_babyai_env, worker_seeds
+from mop_torchrl.babyai.envs import keep_num_threads, make_babyai_env, worker_seeds
 from mop_torchrl.train.config import TrainConfig
 
 __all__ = [
@@ -260,19 +260,21 @@ def segment_batches(
         end = min((segment + 1) * config.checkpoint_interval, config.num_updates)
         seed = config.seed + 7919 * (segment + 1) + salt
         create_envs = env_factories(config, expert, seed)
-        collector = make_collector(config, actor, create_envs, frames * (end - update), exploration)
-        try:
-            batches = iter(collector)
-            while update < end:
-                push_weights(collector, actor, config)
-                data = next(batches)
-                yield update, _as_env_rows(data, config)
-                update += 1
-        finally:
-            collector.shutdown()
-            # Closing a batched env raises torch's thread count (torchrl 0.14): restore ours,
-            # or updates after a resume would run with other threads (other rounding).
-            torch.set_num_threads(config.torch_threads)
+        # Closing a batched env raises torch's thread count (torchrl 0.14): the next segment's
+        # collection would run with other threads than a resumed run's (other rounding).
+        with keep_num_threads():
+            collector = make_collector(
+                config, actor, create_envs, frames * (end - update), exploration
+            )
+            try:
+                batches = iter(collector)
+                while update < end:
+                    push_weights(collector, actor, config)
+                    data = next(batches)
+                    yield update, _as_env_rows(data, config)
+                    update += 1
+            finally:
+                collector.shutdown()
 
 
 def _as_env_rows(data: TensorDictBase, config: TrainConfig) -> TensorDictBase:

@@ -1,19 +1,30 @@
-"""What every training loop shares: run directory, logger, progress bar, checkpoints, metrics."""
+"""What every training loop uses: run directory, seeding, logging, checkpoints, SIGINT.
+
+The loops themselves (``imitation.py``, ``bc.py``, ``ppo.py``) are written out in each
+algorithm's file; :class:`Run` only offers services, and :meth:`Run.updates` the per-update
+bookkeeping they share::
+
+    with run.updates(modules, optimizer) as updates:
+        for update in updates:                      # start_update .. num_updates - 1
+            with updates.phase("collect", update):  # re-seeded from (seed, update), timed
+                data = ...
+            with updates.phase("train", update):
+                ...                                 # store, sample, loss, optimizer step
+            updates.end(update, data.numel(), meter, stats)  # log, eval, checkpoint, SIGINT
+"""
 
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import math
 import shutil
 import signal
 import tempfile
 import threading
 import time
-from collections import deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import yaml
@@ -21,7 +32,6 @@ from tensordict import TensorDictBase
 from torch import nn
 from tqdm.auto import tqdm
 
-from mop_torchrl.babyai.levels import level_name
 from mop_torchrl.train.checkpoint import (
     CheckpointError,
     load_checkpoint,
@@ -29,31 +39,23 @@ from mop_torchrl.train.checkpoint import (
     save_checkpoint,
     seed_everything,
 )
-from mop_torchrl.train.config import TrainConfig
+from mop_torchrl.train.config import RESUMABLE_CHANGES, TrainConfig
+from mop_torchrl.train.evaluate import bot_episodes, evaluate, grounding_probe
+from mop_torchrl.train.logs import make_logger, truncate_csv_logs
 from mop_torchrl.train.policy import build_policy, load_modules
+from mop_torchrl.train.stats import EpisodeStats, MetricMeans
 
 __all__ = [
-    "EpisodeStats",
     "NonFiniteLossError",
     "Run",
     "RunError",
     "RunInterrupted",
+    "Updates",
+    "check_finite",
     "validate_start",
 ]
 
 CHECKPOINT = "checkpoint.pt"
-RESUMABLE_CHANGES = {
-    "num_updates",
-    "log_interval",
-    "eval_episodes",
-    "eval_interval",
-    "eval_interval_episodes",
-    "logger",
-    "worker_log_level",
-    "run_dir",
-    "run_name",
-}
-"""Config keys a resumed run may change (e.g. to train for longer)."""
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -65,88 +67,22 @@ class RunError(ValueError):
 
 
 class RunInterrupted(Exception):
-    """Raised by :meth:`Run.fit` after SIGINT, once a checkpoint of the current update is saved."""
+    """Raised by :meth:`Updates.end` after SIGINT, once a checkpoint of the current update is
+    saved."""
 
 
-class EpisodeStats:
-    """Recent finished episodes (success, return, length, path ratio, bot failures).
+def check_finite(loss: torch.Tensor, update: int) -> None:
+    """Raises :class:`NonFiniteLossError` unless ``loss`` is finite.
 
-    With ``levels`` (multi-level runs, whose data carry ``"level"``) the summary also reports
-    each level's episodes (``episode/<level>/<metric>``, a window per level) and its mean
-    routing cost per step over the last batches (``routing/<level>/cost``, MoP policies).
+    Called before each optimizer step, so a NaN never reaches the weights: this is the one
+    value a loop reads back every update (one host sync; metrics wait for the log interval).
     """
-
-    def __init__(self, window: int = 100, levels: Sequence[str] = ()) -> None:
-        self.episodes: deque[dict[str, float]] = deque(maxlen=window)
-        self.levels = [level_name(level) for level in levels] if len(levels) > 1 else []
-        self.per_level = [deque(maxlen=window) for _ in self.levels]
-        self.level_cost = [deque(maxlen=10) for _ in self.levels]
-        self.total = 0
-
-    def add(self, data: TensorDictBase) -> None:
-        """Adds the episodes that end inside a collected batch."""
-        nxt = data["next"]
-        if self.levels and ("routing", "cost") in data.keys(True):
-            level, cost = data["level"].reshape(-1), data["routing", "cost"].reshape(-1)
-            for i, costs in enumerate(self.level_cost):
-                if (level == i).any():
-                    costs.append(cost[level == i].mean().item())
-        done = nxt["done"].reshape(-1)
-        if not done.any():
-            return
-        flat = {
-            key: nxt[key].reshape(-1).float()
-            for key in (
-                "success",
-                "episode_reward",
-                "step_count",
-                "bot_solution_length",
-                "bot_failures",
-                "bot_errors",
-            )
-            if key in nxt
-        }
-        rows = {
-            "success": flat["success"],
-            "return": flat["episode_reward"],
-            "length": flat["step_count"],
-        }
-        if "bot_solution_length" in flat:
-            rows["path_ratio"] = flat["step_count"] / flat["bot_solution_length"].clamp(min=1)
-        for key in ("bot_failures", "bot_errors"):
-            if key in flat:
-                rows[key] = flat[key]
-        values = {k: v[done].tolist() for k, v in rows.items()}
-        levels = nxt["level"].reshape(-1)[done].tolist() if self.levels else []
-        for i in range(int(done.sum())):
-            episode = {k: v[i] for k, v in values.items()}
-            self.episodes.append(episode)
-            if self.levels:
-                self.per_level[levels[i]].append(episode)
-        self.total += int(done.sum())
-
-    def summary(self) -> dict[str, float]:
-        out = {}
-        for prefix, episodes in [
-            ("episode", self.episodes),
-            *((f"episode/{n}", e) for n, e in zip(self.levels, self.per_level)),
-        ]:
-            for key in ("success", "return", "length", "path_ratio") if episodes else ():
-                if key in episodes[0]:
-                    out[f"{prefix}/{key}"] = sum(e[key] for e in episodes) / len(episodes)
-        if self.episodes:
-            for key in ("bot_failures", "bot_errors"):
-                if key in self.episodes[0]:
-                    out[f"episode/{key}"] = sum(e[key] for e in self.episodes) / len(self.episodes)
-            out["episode/count"] = float(self.total)
-        for name, costs in zip(self.levels, self.level_cost):
-            if costs:
-                out[f"routing/{name}/cost"] = sum(costs) / len(costs)
-        return out
+    if not bool(torch.isfinite(loss)):
+        raise NonFiniteLossError(f"non-finite loss ({loss.item()}) at update {update}")
 
 
 class Run:
-    """A run directory with its resolved config, logger, progress bar and checkpoints.
+    """A run directory with its resolved config, logger, checkpoints and tracked buffers.
 
     ``Run(config)`` starts a new run, ``Run(config, resume=True)`` continues the run in
     ``config.run_dir/config.name``. Everything is checked first (:func:`validate_start`), so a
@@ -238,10 +174,8 @@ class Run:
 
     def held_out(self, actor: nn.Module) -> dict[str, float]:
         """``eval/*`` metrics: greedy success on ``eval_interval_episodes`` held-out episodes and
-        the grounding probe on as many bot episodes. It runs between a ``train_step`` and the
+        the grounding probe on as many bot episodes. It runs after an update and before the
         next re-seeding, so the random numbers it draws do not change the training run."""
-        from mop_torchrl.train.evaluate import bot_episodes, evaluate, grounding_probe
-
         config, start = self.config, time.perf_counter()
         if self._probe is None:
             self._probe = bot_episodes(config.task_id, config.eval_interval_episodes, config.seed)
@@ -254,14 +188,9 @@ class Run:
         metrics["perf/eval_s"] = time.perf_counter() - start
         return metrics
 
-    # -------------------------------------------------------------- progress and logs
-    def progress(self, total: int) -> tqdm:
-        self._bar = tqdm(
-            total=total, initial=self.start_update, desc=self.config.name, dynamic_ncols=True
-        )
-        return self._bar
-
+    # -------------------------------------------------------------- logs and the loop
     def log(self, update: int, metrics: dict[str, float]) -> None:
+        """Logs the finite numbers of ``metrics`` at ``update`` and shows a few on the bar."""
         for name, value in metrics.items():
             if isinstance(value, float | int) and math.isfinite(value):
                 self.logger.log_scalar(name, float(value), step=update)
@@ -269,69 +198,26 @@ class Run:
             short = {k.split("/")[-1]: v for k, v in metrics.items() if k in _BAR_KEYS}
             self._bar.set_postfix({k: f"{v:.3g}" for k, v in short.items()}, refresh=False)
 
-    def fit(
-        self,
-        batches: Iterator[tuple[int, TensorDictBase]],
-        train_step: Callable[[TensorDictBase, int], dict[str, float]],
-        modules: dict[str, nn.Module],
-        optimizer: torch.optim.Optimizer,
-        stats: EpisodeStats | None = None,
-    ) -> None:
-        """The loop every algorithm shares: time, train, log, checkpoint, show progress.
+    @contextlib.contextmanager
+    def updates(
+        self, modules: dict[str, nn.Module], optimizer: torch.optim.Optimizer
+    ) -> Iterator[Updates]:
+        """The loop's bookkeeping (:class:`Updates`), with a progress bar and SIGINT deferred.
 
-        ``train_step(batch, update)`` does one optimizer update and returns its metrics. The
-        global generators are re-seeded from ``(seed, update)`` before each batch is drawn and
-        before each ``train_step`` (:func:`~mop_torchrl.train.checkpoint.seed_everything`), so
-        a run resumed in a fresh process repeats an uninterrupted one exactly. SIGINT finishes
-        the current update, saves a checkpoint of it and raises :class:`RunInterrupted`.
+        A first SIGINT lets the current update finish and be checkpointed, then
+        :meth:`Updates.end` raises :class:`RunInterrupted`. A :class:`NonFiniteLossError`
+        leaving the block gets the checkpoint that was kept added to its message.
         """
         config = self.config
-        bar = self.progress(config.num_updates)
-        tick = time.perf_counter()
-        update = self.start_update
+        self._bar = tqdm(
+            total=config.num_updates,
+            initial=self.start_update,
+            desc=config.name,
+            dynamic_ncols=True,
+        )
         try:
             with _deferred_sigint() as interrupted:
-                while True:
-                    _own_threads(config.torch_threads)
-                    seed_everything(config.seed, update, "collect")
-                    item = next(batches, None)
-                    if item is None:
-                        break
-                    update, data = item
-                    collect_time = time.perf_counter() - tick
-                    if stats is not None:
-                        stats.add(data)
-                    _own_threads(config.torch_threads)
-                    seed_everything(config.seed, update, "train")
-                    metrics = train_step(data, update)
-                    self.frames += data.numel()
-                    train_time = time.perf_counter() - tick - collect_time
-                    self.extra["wall_s"] = self.extra.get("wall_s", 0.0) + collect_time + train_time
-                    update += 1
-                    bar.update(1)
-                    if update % config.log_interval == 0 or update == config.num_updates:
-                        metrics.update(stats.summary() if stats is not None else {})
-                        metrics.update(
-                            {
-                                "perf/frames": self.frames,
-                                "perf/wall_s": self.extra["wall_s"],
-                                "perf/frames_per_s": data.numel() / (collect_time + train_time),
-                                "perf/collect_s": collect_time,
-                                "perf/train_s": train_time,
-                            }
-                        )
-                        self.log(update, metrics)
-                    if config.eval_interval and update % config.eval_interval == 0:
-                        self.log(update, self.held_out(modules["actor"]))
-                    last = update == config.num_updates
-                    if update % config.checkpoint_interval == 0 or last or interrupted():
-                        self.save(update, modules, optimizer)
-                    if interrupted():
-                        raise RunInterrupted(
-                            f"interrupted: checkpoint saved at update {update}; continue with "
-                            f"--resume {self.dir}"
-                        )
-                    tick = time.perf_counter()
+                yield Updates(self, modules, optimizer, interrupted)
         except NonFiniteLossError as err:
             kept = (
                 f"the checkpoint of update {self.saved_update} was kept"
@@ -342,18 +228,97 @@ class Run:
                 f"{err}: stopping; {kept}. Try a lower --lr or --alpha."
             ) from None
         finally:
-            bar.close()
-            close = getattr(batches, "close", None)
-            if close is not None:
-                close()  # shut the collector down now, not when garbage-collected
+            self._bar.close()
+            self._bar = None
 
 
-def _own_threads(threads: int) -> None:
-    """Sets torch's thread count back to the run's: torchrl raises it whenever a batched env
-    closes, even at garbage collection long after an evaluation, and updates would otherwise
-    run with other threads (other rounding, and OpenMP spin-waiting against the envs)."""
-    if torch.get_num_threads() != threads:
-        torch.set_num_threads(threads)
+class Updates:
+    """Per-update bookkeeping of a training loop; made by :meth:`Run.updates`.
+
+    Iterating gives the update indices still to do (``start_update`` to ``num_updates - 1``).
+    :meth:`phase` re-seeds the global generators from ``(seed, update, phase)`` and times the
+    block, so a run resumed in a fresh process repeats an uninterrupted one exactly;
+    :meth:`end` counts the update and logs, evaluates and checkpoints at their intervals.
+    """
+
+    def __init__(
+        self,
+        run: Run,
+        modules: dict[str, nn.Module],
+        optimizer: torch.optim.Optimizer,
+        interrupted: Callable[[], bool],
+    ) -> None:
+        self.run, self.modules, self.optimizer = run, modules, optimizer
+        self.interrupted = interrupted
+        self.seconds = {"collect": 0.0, "train": 0.0}
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(range(self.run.start_update, self.run.config.num_updates))
+
+    @contextlib.contextmanager
+    def phase(self, name: Literal["collect", "train"], update: int) -> Iterator[None]:
+        """Re-seeds from ``(seed, update, name)`` with the run's thread count; times the block.
+
+        The thread count is set again each time: torchrl raises it whenever a batched env
+        closes, even at garbage collection long after an evaluation, and an update would
+        otherwise run with other threads (other rounding: a resumed run would differ).
+        """
+        config = self.run.config
+        if torch.get_num_threads() != config.torch_threads:
+            torch.set_num_threads(config.torch_threads)
+        seed_everything(config.seed, update, name)
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = time.perf_counter() - start
+
+    def end(
+        self,
+        update: int,
+        frames: int,
+        metrics: MetricMeans,
+        stats: EpisodeStats | None = None,
+    ) -> None:
+        """Closes update ``update`` (0-based) of ``frames`` frames.
+
+        At the log interval it logs the means of ``metrics`` since the last log (their one
+        read-back), ``stats``' summary and ``perf/*``; at the eval interval the held-out
+        metrics; at the checkpoint interval, the last update or after SIGINT a checkpoint.
+        Raises :class:`RunInterrupted` after SIGINT.
+        """
+        run, config = self.run, self.run.config
+        done = update + 1
+        step_s = self.seconds["collect"] + self.seconds["train"]
+        run.frames += frames
+        run.extra["wall_s"] = run.extra.get("wall_s", 0.0) + step_s
+        if run._bar is not None:
+            run._bar.update(1)
+        if done % config.log_interval == 0 or done == config.num_updates:
+            logged = metrics.pop()
+            logged.update(stats.summary() if stats is not None else {})
+            logged.update(
+                {
+                    "perf/frames": run.frames,
+                    "perf/wall_s": run.extra["wall_s"],
+                    "perf/frames_per_s": frames / step_s,
+                    "perf/collect_s": self.seconds["collect"],
+                    "perf/train_s": self.seconds["train"],
+                }
+            )
+            run.log(done, logged)
+        if config.eval_interval and done % config.eval_interval == 0:
+            run.log(done, run.held_out(self.modules["actor"]))
+        if (
+            done % config.checkpoint_interval == 0
+            or done == config.num_updates
+            or self.interrupted()
+        ):
+            run.save(done, self.modules, self.optimizer)
+        if self.interrupted():
+            raise RunInterrupted(
+                f"interrupted: checkpoint saved at update {done}; continue with --resume {run.dir}"
+            )
 
 
 _EVAL_KEYS = {
@@ -374,11 +339,6 @@ _BAR_KEYS = {
     "train/routing_cost",
     "perf/frames_per_s",
 }
-
-
-def check_finite(loss: torch.Tensor, update: int) -> None:
-    if not torch.isfinite(loss):
-        raise NonFiniteLossError(f"non-finite loss ({loss.item()}) at update {update}")
 
 
 def run_directory(config: TrainConfig) -> Path:
@@ -424,12 +384,12 @@ def validate_start(
         raise RunError("--resume and --overwrite exclude each other")
     if resume and checkpoint.exists():
         payload = load_checkpoint(checkpoint)
-        # Keys added to TrainConfig after a checkpoint was written take their defaults.
-        saved = {**TrainConfig().to_dict(), **payload["config"]}
+        # Read as a config (old flat configs, keys added since then take their defaults).
+        saved = TrainConfig.from_dict(payload["config"]).to_dict()
         diff = {
-            key: (saved[key], value)
+            key: (saved.get(key), value)
             for key, value in config.to_dict().items()
-            if key not in RESUMABLE_CHANGES and saved[key] != value
+            if key not in RESUMABLE_CHANGES and saved.get(key) != value
         }
         if diff:
             raise CheckpointError(
@@ -479,23 +439,6 @@ def _check_writable(path: Path) -> None:
         raise RunError(f"cannot write in {str(probe)!r}: {err.strerror or err}") from None
 
 
-def truncate_csv_logs(log_dir: Path, step: int) -> None:
-    """Keeps only the rows with ``step <= step`` in every CSV scalar file under ``log_dir``.
-
-    A resumed run re-logs the updates after its checkpoint; without this they would appear
-    twice (and a run resumed without a checkpoint would log on top of the old run).
-    """
-    for path in sorted((log_dir / "scalars").rglob("*.csv")):
-        kept = []
-        for line in path.read_text().splitlines():
-            head = line.split(",", 1)[0]
-            if line.count(",") == 1 and head.lstrip("-").isdigit() and int(head) <= step:
-                kept.append(line + "\n")
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text("".join(kept))
-        tmp.replace(path)
-
-
 @contextlib.contextmanager
 def _deferred_sigint() -> Iterator[Callable[[], bool]]:
     """While active, a first SIGINT only sets a flag (read with the yielded function); a second
@@ -515,23 +458,3 @@ def _deferred_sigint() -> Iterator[Callable[[], bool]]:
         yield flag.is_set
     finally:
         signal.signal(signal.SIGINT, previous)
-
-
-LOGGER_PACKAGES = {"csv": None, "tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}
-"""The ``--logger`` choices and the package each needs."""
-
-
-def make_logger(kind: str, run_dir: Path):
-    """The run's logger from TorchRL's own factory (``torchrl.record.loggers.get_logger``).
-
-    Everything lands in ``run_dir``: CSV/TensorBoard under ``logs/``, MLflow as a file store
-    (``mlflow ui --backend-store-uri <run_dir>``), W&B offline under ``wandb/`` (upload it
-    later with ``wandb sync``). A missing package is a one-line ``ImportError``.
-    """
-    package = LOGGER_PACKAGES[kind]
-    if package is not None and importlib.util.find_spec(package) is None:
-        raise ImportError(f"--logger {kind} needs the {package!r} package: pip install {package}")
-    from torchrl.record.loggers import get_logger
-
-    wandb_kwargs = {"offline": True, "project": "mop_torchrl"}  # its save_dir is run_dir
-    return get_logger(kind, str(run_dir), "logs", wandb_kwargs=wandb_kwargs)
