@@ -20,7 +20,7 @@ import torch
 import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from test_train import TINY
+from tiny import tiny_flags, tiny_settings
 
 from mop_torchrl.babyai.demos import generate_demos, open_demos
 from mop_torchrl.cli import build_parser, main
@@ -30,7 +30,7 @@ from mop_torchrl.train.policy import build_policy
 
 SCRIPT = str(Path(sys.executable).parent / "mop-torchrl")
 LEVEL = "GoToRedBall"
-TINY_FLAGS = [f"--{k}={v}" for k, v in TINY.items()]
+TINY_FLAGS = tiny_flags()
 
 
 def cli(*args: str, timeout: float = 900) -> subprocess.CompletedProcess:
@@ -50,7 +50,7 @@ def assert_one_line_error(result: subprocess.CompletedProcess, match: str, code:
 def saved_run(run_dir: Path, update: int, **overrides) -> TrainConfig:
     """A run directory as ``Run`` leaves it after ``update`` updates (no training needed)."""
     config = TrainConfig.from_dict(
-        {**TINY, "run_dir": str(run_dir.parent), "run_name": run_dir.name, **overrides}
+        tiny_settings(run_dir=str(run_dir.parent), run_name=run_dir.name, **overrides)
     )
     actor, critic = build_policy(config)
     params = {id(p): p for m in (actor, critic) for p in m.parameters()}
@@ -242,7 +242,7 @@ def test_resume_in_a_fresh_process_is_bit_exact(tmp_path):
     """12 straight updates equal 6 + ``--resume`` to 12 in another process (dropout on)."""
     from mop_torchrl.train import train
 
-    kwargs = {**TINY, "unroll_len": 4, "checkpoint_interval": 3, "run_dir": str(tmp_path)}
+    kwargs = tiny_settings(unroll_len=4, checkpoint_interval=3, run_dir=str(tmp_path))
     assert TrainConfig.from_dict(kwargs).mop.dropout_beta > 0  # the default: expert dropout on
     straight = train(TrainConfig.from_dict({**kwargs, "num_updates": 12, "run_name": "straight"}))
     half = train(TrainConfig.from_dict({**kwargs, "num_updates": 6, "run_name": "half"}))

@@ -7,6 +7,7 @@ import pytest
 import torch
 from tensordict import TensorDict
 from tensordict.nn import TensorDictModuleBase
+from tiny import tiny_settings
 from torchrl.collectors import Collector
 from torchrl.modules import set_recurrent_mode
 
@@ -94,22 +95,14 @@ def test_bot_mixer_follows_beta():
     assert abs(share - 0.3) < 0.03
 
 
-TINY = {
-    "num_envs": 2,
-    "unroll_len": 8,
-    "mop_layers": "0,8;8,16",
-    "mop_intermediate_dim": 16,
-    "mop_router_dim": 8,
-    "image_channels": 8,
-    "instr_dim": 16,
-    "eval_episodes": 0,
-    "buffer_frames": 64,
-    "updates_per_batch": 2,
-    "batch_slices": 3,
-    "slice_len": 6,
-    "burn_in": 2,
-    "checkpoint_interval": 2,
-}
+TINY = tiny_settings(
+    buffer_frames=64,
+    updates_per_batch=2,
+    batch_slices=3,
+    slice_len=6,
+    burn_in=2,
+    checkpoint_interval=2,
+)
 
 
 def _cli(*args: str) -> None:

@@ -206,25 +206,16 @@ def test_make_babyai_env_appends_policy_primers():
     assert batched.reset()["recurrent_state"].shape == (2, 1, 8)
 
 
-def test_bc_smoke(demo_dir, tmp_path):
-    from mop_torchrl.train import TrainConfig, train
+def test_bc_smoke(demo_dir, tiny_config):
+    from mop_torchrl.train import train
 
-    config = TrainConfig.from_dict(
-        dict(
-            algo="bc",
-            demos=str(demo_dir),
-            task_id="BabyAI-GoToRedBall-v0",
-            num_updates=2,
-            batch_slices=4,
-            slice_len=8,
-            eval_episodes=0,
-            run_dir=str(tmp_path / "run"),
-            mop_layers="0,8;8,16",
-            mop_intermediate_dim=16,
-            mop_router_dim=8,
-            image_channels=8,
-            instr_dim=16,
-        )
+    config = tiny_config(
+        algo="bc",
+        demos=str(demo_dir),
+        task_id="BabyAI-GoToRedBall-v0",
+        num_updates=2,
+        batch_slices=4,
+        slice_len=8,
     )
     run_dir = train(config)
     assert (Path(run_dir) / "checkpoint.pt").exists()

@@ -92,26 +92,18 @@ def test_yaml_lists_become_level_strings():
     assert parse_level_weights(config.level_weights, 2) == pytest.approx([1 / 3, 2 / 3])
 
 
-def test_two_level_training_logs_per_level_and_routes_record_both(tmp_path):
-    config = TrainConfig.from_dict(
-        dict(
-            task_id=",".join(LEVELS),
-            num_envs=4,
-            unroll_len=16,
-            num_updates=4,
-            buffer_frames=128,
-            batch_slices=4,
-            mop_layers="0,8;8,16",
-            mop_intermediate_dim=16,
-            mop_router_dim=8,
-            image_channels=8,
-            instr_dim=16,
-            log_interval=2,
-            eval_interval=4,
-            eval_interval_episodes=2,
-            eval_episodes=2,
-            run_dir=str(tmp_path),
-        )
+def test_two_level_training_logs_per_level_and_routes_record_both(tiny_config):
+    config = tiny_config(
+        task_id=",".join(LEVELS),
+        num_envs=4,
+        unroll_len=16,
+        num_updates=4,
+        buffer_frames=128,
+        batch_slices=4,
+        log_interval=2,
+        eval_interval=4,
+        eval_interval_episodes=2,
+        eval_episodes=2,
     )
     run_dir = train(config)
     scalars = run_dir / "logs" / "scalars"

@@ -10,6 +10,7 @@ import pandas as pd
 import pytest
 import torch
 from tensordict.nn import TensorDictModule, TensorDictSequential
+from tiny import tiny_settings
 
 from mop_torchrl.analysis import (
     read_episodes,
@@ -151,16 +152,7 @@ def test_sweep_ablation_table():
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory) -> Path:
     """A fresh tiny MoP policy saved the way ``Run.save`` does."""
-    config = TrainConfig.from_dict(
-        dict(
-            task_id="BabyAI-GoToRedBall-v0",
-            mop_layers="0,8;8,16",
-            mop_intermediate_dim=16,
-            mop_router_dim=8,
-            image_channels=8,
-            instr_dim=16,
-        )
-    )
+    config = TrainConfig.from_dict(tiny_settings(task_id="BabyAI-GoToRedBall-v0"))
     actor, critic = build_policy(config)
     params = {id(p): p for m in (actor, critic) for p in m.parameters()}
     path = tmp_path_factory.mktemp("run") / "checkpoint.pt"

@@ -8,6 +8,7 @@ import sys
 import pytest
 import torch
 from tensordict import TensorDict
+from tiny import tiny_settings
 from torchrl.modules import set_recurrent_mode
 
 from mop_torchrl import MoPModule
@@ -16,17 +17,7 @@ from mop_torchrl.train import TrainConfig, train
 from mop_torchrl.train.collection import env_factories, segment_batches
 from mop_torchrl.train.policy import build_policy
 
-TINY = dict(
-    num_envs=2,
-    unroll_len=8,
-    mop_layers="0,8;8,16",
-    mop_intermediate_dim=16,
-    mop_router_dim=8,
-    image_channels=8,
-    instr_dim=16,
-    gru_hidden_size=16,
-    eval_episodes=0,
-)
+TINY = tiny_settings()
 HAS_RAY = importlib.util.find_spec("ray") is not None
 
 
@@ -132,13 +123,11 @@ def test_config_validates_workers():
 
 def test_train_multiprocess_end_to_end(tmp_path):
     config = TrainConfig.from_dict(
-        dict(
+        tiny_settings(
             backend="multiprocess",
             num_workers=2,
             num_updates=2,
-            log_interval=1,
             run_dir=str(tmp_path),
-            **TINY,
         )
     )
     run_dir = train(config)

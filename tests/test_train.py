@@ -7,37 +7,20 @@ import torch
 import yaml
 
 from mop_torchrl.cli import main
-from mop_torchrl.train import TrainConfig, load_config, resume, train
+from mop_torchrl.train import load_config, resume, train
 from mop_torchrl.train.checkpoint import CheckpointError, load_checkpoint
 from mop_torchrl.train.evaluate import evaluate_checkpoint
 from mop_torchrl.train.losses import ImitationLoss
 from mop_torchrl.train.run import NonFiniteLossError, RunError
-
-TINY = {
-    "num_envs": 2,
-    "unroll_len": 8,
-    "mop_layers": "0,8;8,16",
-    "mop_intermediate_dim": 16,
-    "mop_router_dim": 8,
-    "gru_hidden_size": 16,
-    "image_channels": 8,
-    "instr_dim": 16,
-    "eval_episodes": 0,
-    "log_interval": 1,
-}
-
-
-def tiny(tmp_path, **kwargs) -> TrainConfig:
-    return TrainConfig.from_dict({**TINY, "run_dir": str(tmp_path), **kwargs})
 
 
 def params(run_dir):
     return load_checkpoint(run_dir / "checkpoint.pt")["model"]["actor"]
 
 
-def test_resume_without_checkpoint_restarts_the_logs(tmp_path):
+def test_resume_without_checkpoint_restarts_the_logs(tmp_path, tiny_config):
     """A run killed before its first checkpoint restarts from 0 without its old log rows."""
-    config = tiny(tmp_path, num_updates=2, checkpoint_interval=100)
+    config = tiny_config(num_updates=2, checkpoint_interval=100)
     old_logs = tmp_path / config.name / "logs" / "scalars" / "train"
     old_logs.mkdir(parents=True)
     (old_logs / "loss.csv").write_text("1,5.0\n2,4.0\n3,3.")  # the last row cut by the kill
@@ -47,11 +30,11 @@ def test_resume_without_checkpoint_restarts_the_logs(tmp_path):
     assert [r.split(",")[0] for r in rows] == ["1", "2"] and "1,5.0" not in rows
 
 
-def test_overwrite_deletes_only_run_directories(tmp_path):
+def test_overwrite_deletes_only_run_directories(tmp_path, tiny_config):
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "thesis.tex").write_text("precious")
     with pytest.raises(RunError, match="not a run directory"):
-        train(tiny(tmp_path, num_updates=1, run_name="mine"), overwrite=True)
+        train(tiny_config(num_updates=1, run_name="mine"), overwrite=True)
     assert (tmp_path / "mine" / "thesis.tex").read_text() == "precious"
 
 
@@ -70,7 +53,9 @@ def test_legacy_checkpoint_with_numpy_rng_state_loads_data_only(tmp_path):
 
 @pytest.mark.parametrize("bad_call, kept", [(3, "the checkpoint of update 2 was kept"),
                                              (1, "no checkpoint was written yet")])  # fmt: skip
-def test_non_finite_loss_stops_and_keeps_last_checkpoint(tmp_path, monkeypatch, bad_call, kept):
+def test_non_finite_loss_stops_and_keeps_last_checkpoint(
+    tmp_path, monkeypatch, bad_call, kept, tiny_config
+):
     real_forward = ImitationLoss.forward
     calls = []
 
@@ -82,7 +67,7 @@ def test_non_finite_loss_stops_and_keeps_last_checkpoint(tmp_path, monkeypatch, 
         return losses
 
     monkeypatch.setattr(ImitationLoss, "forward", poisoned)
-    config = tiny(tmp_path, num_updates=4, checkpoint_interval=2, updates_per_batch=1)
+    config = tiny_config(num_updates=4, checkpoint_interval=2, updates_per_batch=1)
     with pytest.raises(NonFiniteLossError, match=f"update {bad_call - 1}: stopping; {kept}"):
         train(config)
     checkpoint = tmp_path / config.name / "checkpoint.pt"
@@ -94,17 +79,17 @@ def test_non_finite_loss_stops_and_keeps_last_checkpoint(tmp_path, monkeypatch, 
     assert all(torch.isfinite(v).all() for v in saved["model"]["actor"].values())
 
 
-def test_corrupt_and_incompatible_checkpoints(tmp_path):
-    run_dir = train(tiny(tmp_path, num_updates=1))
+def test_corrupt_and_incompatible_checkpoints(tmp_path, tiny_config):
+    run_dir = train(tiny_config(num_updates=1))
     with pytest.raises(CheckpointError, match="other settings"):
-        train(tiny(tmp_path, num_updates=1, policy="gru", run_name=run_dir.name), resume=True)
+        train(tiny_config(num_updates=1, policy="gru", run_name=run_dir.name), resume=True)
     (run_dir / "checkpoint.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(CheckpointError, match="corrupt"):
         load_checkpoint(run_dir)
     with pytest.raises(CheckpointError, match="no checkpoint"):
         load_checkpoint(tmp_path / "missing")
     with pytest.raises(RunError, match="--resume"):
-        train(tiny(tmp_path, num_updates=1, run_name=run_dir.name))
+        train(tiny_config(num_updates=1, run_name=run_dir.name))
 
 
 @pytest.mark.parametrize(
@@ -157,11 +142,10 @@ def test_shipped_configs_are_valid():
         load_config(path)
 
 
-def test_ppo_from_imitation_checkpoint_and_eval_cli(tmp_path, capsys):
-    imitation = train(tiny(tmp_path, num_updates=1, run_name="imitation"))
+def test_ppo_from_imitation_checkpoint_and_eval_cli(tmp_path, capsys, tiny_config):
+    imitation = train(tiny_config(num_updates=1, run_name="imitation"))
     ppo = train(
-        tiny(
-            tmp_path,
+        tiny_config(
             algo="ppo",
             num_updates=2,
             minibatches=2,
@@ -179,8 +163,8 @@ def test_ppo_from_imitation_checkpoint_and_eval_cli(tmp_path, capsys):
     assert result["routing_cost"] > 0
 
 
-def test_gru_baseline_trains_and_knobs_need_mop(tmp_path):
-    run_dir = train(tiny(tmp_path, policy="gru", num_updates=1))
+def test_gru_baseline_trains_and_knobs_need_mop(tmp_path, tiny_config):
+    run_dir = train(tiny_config(policy="gru", num_updates=1))
     with pytest.raises(CheckpointError, match="MoP"):
         evaluate_checkpoint(run_dir / "checkpoint.pt", episodes=1, disable_largest=True)
 
