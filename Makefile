@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test lint format train clean
+.PHONY: install test test-fast lint format train clean
 
 $(STAMP): setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -24,6 +24,10 @@ format: $(STAMP)
 
 test: lint
 	$(BIN)/python -m pytest --doctest-modules mop_torchrl tests
+
+# The unit tier while editing: no test marked slow or subprocess (seconds, not minutes).
+test-fast: lint
+	$(BIN)/python -m pytest --doctest-modules -m "not slow and not subprocess" mop_torchrl tests
 
 # The main job: a short BabyAI imitation run (a few minutes on 2 cores) with a progress bar.
 train: $(STAMP)

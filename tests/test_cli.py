@@ -70,6 +70,8 @@ def saved_run(run_dir: Path, update: int, **overrides) -> TrainConfig:
     return config
 
 
+@pytest.mark.subprocess
+@pytest.mark.slow
 def test_bad_config_files_and_values(tmp_path):
     bad_yaml, infinite = tmp_path / "bad.yaml", tmp_path / "inf.yaml"
     bad_yaml.write_text("num_envs: [1\n")
@@ -82,6 +84,8 @@ def test_bad_config_files_and_values(tmp_path):
     assert not runs.exists()
 
 
+@pytest.mark.subprocess
+@pytest.mark.slow
 def test_unwritable_output_directories(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("not a directory")
@@ -95,6 +99,8 @@ def test_unwritable_output_directories(tmp_path):
     assert blocker.read_text() == "not a directory"
 
 
+@pytest.mark.subprocess
+@pytest.mark.slow
 def test_existing_run_name_is_refused_unless_overwrite(tmp_path):
     logs_only = tmp_path / "logs_only"
     (logs_only / "logs" / "scalars").mkdir(parents=True)
@@ -114,6 +120,7 @@ def test_existing_run_name_is_refused_unless_overwrite(tmp_path):
     assert yaml.safe_load((logs_only / "config.yaml").read_text())["seed"] == 0
 
 
+@pytest.mark.subprocess
 def test_resume_below_reached_update_is_refused_and_config_kept(tmp_path):
     run_dir = tmp_path / "run"
     saved_run(run_dir, update=12, num_updates=12)
@@ -123,6 +130,8 @@ def test_resume_below_reached_update_is_refused_and_config_kept(tmp_path):
     assert (run_dir / "config.yaml").read_text() == before
 
 
+@pytest.mark.subprocess
+@pytest.mark.slow
 def test_bc_with_unusable_demos(tmp_path):
     demos = tmp_path / "demos"
     generate_demos("GoToLocal", 2, demos, num_workers=1, progress=False)
@@ -145,6 +154,8 @@ def test_bc_with_unusable_demos(tmp_path):
     assert image.stat().st_size == 1000  # never regrown
 
 
+@pytest.mark.subprocess
+@pytest.mark.slow
 def test_checkpoint_misuse(tmp_path):
     gru = tmp_path / "gru"
     saved_run(gru, update=1, policy="gru")
@@ -171,6 +182,7 @@ class _Exploit:
         return (os.system, (f"touch {_Exploit.marker}",))
 
 
+@pytest.mark.subprocess
 def test_untrusted_checkpoint_cannot_run_code(tmp_path):
     _Exploit.marker = tmp_path / "pwned"
     path = tmp_path / "checkpoint.pt"
@@ -195,6 +207,8 @@ def _logged_steps(run_dir: Path) -> list[int]:
     return [int(line.split(",")[0]) for line in text.splitlines()]
 
 
+@pytest.mark.subprocess
+@pytest.mark.slow
 def test_sigint_saves_the_current_update_and_exits_130(tmp_path):
     run_dir = tmp_path / "run"
     args = ["train", *TINY_FLAGS, "--num_updates=200", "--checkpoint_interval=100"]
@@ -217,6 +231,8 @@ def test_sigint_saves_the_current_update_and_exits_130(tmp_path):
     assert 2 <= update < 100 and _logged_steps(run_dir) == list(range(1, update + 1))
 
 
+@pytest.mark.subprocess
+@pytest.mark.slow
 def test_killed_run_resumes_with_each_update_logged_once(tmp_path):
     run_dir = tmp_path / "run"
     args = ["train", *TINY_FLAGS, "--num_updates=14", "--checkpoint_interval=6"]
@@ -238,6 +254,8 @@ def test_killed_run_resumes_with_each_update_logged_once(tmp_path):
     assert not orphan.exists()
 
 
+@pytest.mark.subprocess
+@pytest.mark.slow
 def test_resume_in_a_fresh_process_is_bit_exact(tmp_path):
     """12 straight updates equal 6 + ``--resume`` to 12 in another process (dropout on)."""
     from mop_torchrl.train import train
@@ -254,6 +272,8 @@ def test_resume_in_a_fresh_process_is_bit_exact(tmp_path):
         assert torch.equal(b["model"]["actor"][name], value), name
 
 
+@pytest.mark.subprocess
+@pytest.mark.slow
 def test_demos_append_grows_past_the_first_capacity(tmp_path):
     out = tmp_path / "demos"
     for episodes in (20, 250):  # the first run allocates 1024 rows; the second needs more
@@ -352,6 +372,8 @@ def test_fuzz_invalid_train_input_fails_cleanly(tmp_path, bad, yaml_text, good):
     assert not runs.exists()
 
 
+@pytest.mark.subprocess
+@pytest.mark.slow
 def test_multilevel_eval_and_bad_level_as_the_console_script_prints_them(tmp_path):
     """``mop-torchrl eval`` on a multi-level checkpoint reports every level by default; a
     misspelt level in a list is one line naming the near match."""

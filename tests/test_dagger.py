@@ -111,6 +111,8 @@ def _cli(*args: str) -> None:
     )
 
 
+@pytest.mark.subprocess
+@pytest.mark.slow
 def test_resume_with_a_non_empty_buffer_is_exact_in_a_fresh_process(tmp_path):
     flags = [f"--{k}={v}" for k, v in TINY.items()] + [f"--run_dir={tmp_path}"]
     _cli(*flags, "--num_updates=4", "--run_name=straight")

@@ -88,6 +88,8 @@ def test_sample_sequences(demo_dir):
 
 
 @pytest.mark.parametrize("backend", ["collector", "parallel_env"])
+@pytest.mark.subprocess
+@pytest.mark.slow
 def test_torchrl_backends(backend, tmp_path):
     out = tmp_path / "demos"
     summary = generate_demos(

@@ -125,6 +125,8 @@ def _replay_reference(level, seed, actions, obs_td):
     return labels, n_steps_in_episode
 
 
+@pytest.mark.subprocess
+@pytest.mark.slow
 def test_parallel_expert_action_matches_replayed_bot():
     """Random student, 2 worker processes: every label equals an independent replay's.
 

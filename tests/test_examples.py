@@ -22,6 +22,8 @@ EXAMPLES = Path(__file__).parent.parent / "examples"
         ("ppo.py", ["--num_envs", "4", "--unroll_len", "8", "--num_updates", "2"]),
     ],
 )
+@pytest.mark.subprocess
+@pytest.mark.slow
 def test_example_runs(script, args):
     result = subprocess.run(
         [sys.executable, str(EXAMPLES / script), *args],
@@ -56,6 +58,7 @@ SMOKE["recurrent_ppo_cartpole"] = [*SMOKE["recurrent_ppo"], "--env", "cartpole"]
 
 @pytest.mark.parametrize("core", ["mop", "gru"])
 @pytest.mark.parametrize("example", list(SMOKE))
+@pytest.mark.slow
 def test_recurrent_recipe_smoke(example, core, tmp_path):
     out = tmp_path / "result.json"
     script = example.removesuffix("_cartpole")

@@ -99,6 +99,7 @@ def test_gru_scan_gradcheck():
     )
 
 
+@pytest.mark.slow
 def test_compiled_step_mode_matches_eager():
     torch.manual_seed(0)
     fused, _ = pair("0,4;3")
@@ -132,6 +133,7 @@ def test_benchmarks_smoke(tmp_path, capsys):
     assert "mop_fused" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_collector_benchmark_smoke():
     result = bench.run_collector_benchmark(
         "GoToRedBall", num_envs=2, parallel=False, frames=32, repeats=1, preset="paper"

@@ -79,6 +79,7 @@ print(sorted(m for m in ("gymnasium", "minigrid") if m in sys.modules))
 
 
 @pytest.mark.parametrize("layer", ["core", "babyai", "train", "analysis"])
+@pytest.mark.subprocess
 def test_layer_imports_with_the_layers_above_blocked(layer):
     """Each layer (every submodule) imports in a fresh process with the layers above blocked."""
     above = LAYERS[LAYERS.index(layer) + 1 :]

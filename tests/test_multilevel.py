@@ -92,6 +92,7 @@ def test_yaml_lists_become_level_strings():
     assert parse_level_weights(config.level_weights, 2) == pytest.approx([1 / 3, 2 / 3])
 
 
+@pytest.mark.slow
 def test_two_level_training_logs_per_level_and_routes_record_both(tiny_config):
     config = tiny_config(
         task_id=",".join(LEVELS),

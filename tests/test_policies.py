@@ -55,6 +55,8 @@ def _as_tuple(key):
 
 
 @pytest.mark.parametrize("kind, parallel", [("mop", True), ("gru", False)])
+@pytest.mark.subprocess
+@pytest.mark.slow
 def test_collector_propagates_and_resets_hidden_states(kind, parallel):
     actor, critic = make_policy(kind, gru_hidden_size=16, **SMALL)
     env = make_babyai_env("GoToRedBall", num_envs=2, seed=3, expert=True, parallel=parallel)
@@ -94,6 +96,7 @@ def test_traced_mission_encoding_matches_deduplicated():
     torch.testing.assert_close(encoder._encode_tokens(missions), encoder.encode_missions(missions))
 
 
+@pytest.mark.slow
 def test_actor_step_compiles_as_one_graph():
     """No data-dependent shape or host sync in the step: dynamo captures encoder, core and head
     in one graph (the CPU-side proof that a CUDA graph can capture it). The "eager" backend

@@ -75,6 +75,8 @@ def assert_labels_from_own_bot(config, data, seed):
         ),
     ],
 )
+@pytest.mark.subprocess
+@pytest.mark.slow
 def test_weights_reach_workers_and_states_stay_per_worker(backend):
     config = TrainConfig.from_dict(
         {**TINY, "num_envs": 4, "backend": backend, "num_workers": 2, "num_updates": 3}
@@ -121,6 +123,8 @@ def test_config_validates_workers():
         TrainConfig(backend="mpi")
 
 
+@pytest.mark.subprocess
+@pytest.mark.slow
 def test_train_multiprocess_end_to_end(tmp_path):
     config = TrainConfig.from_dict(
         tiny_settings(
@@ -139,6 +143,8 @@ def test_train_multiprocess_end_to_end(tmp_path):
 @pytest.mark.skipif(
     not HAS_RAY, reason="ray is not installed (pip install 'mop-torchrl[distributed]')"
 )
+@pytest.mark.subprocess
+@pytest.mark.slow
 def test_ray_run_prints_a_screenful(tmp_path):
     """Worker output stays quiet by default: Ray prefixed each worker log line with the
     collector's ~145-line repr (~1,900 lines for 6 updates); the whole run now fits a screen."""

@@ -142,6 +142,7 @@ def test_shipped_configs_are_valid():
         load_config(path)
 
 
+@pytest.mark.slow
 def test_ppo_from_imitation_checkpoint_and_eval_cli(tmp_path, capsys, tiny_config):
     imitation = train(tiny_config(num_updates=1, run_name="imitation"))
     ppo = train(
