@@ -3,6 +3,7 @@ TrainConfig (nested mop/encoder, flat aliases, old saved configs, the generated 
 
 import argparse
 import dataclasses
+import pathlib
 
 import pytest
 import yaml
@@ -252,3 +253,21 @@ def test_bad_nested_value_names_its_key(data, key):
     assert key in str(err.value)
     if isinstance(err.value, ConfigError):
         assert str(err.value).startswith(f"config key {err.value.key!r}")
+
+
+def test_checkpoint_written_before_the_layering_still_evaluates(tmp_path, capsys):
+    """tests/data/checkpoint_v0.2.pt was written by v0.2 (3c419e7: flat config, old module
+    paths) with a tiny MoP; the current package loads it and ``eval`` runs it."""
+    import json
+    import shutil
+
+    from mop_torchrl.cli import main
+    from mop_torchrl.train.policy import load_actor
+
+    path = tmp_path / "checkpoint.pt"
+    shutil.copy(pathlib.Path(__file__).parent / "data" / "checkpoint_v0.2.pt", path)
+    _, config = load_actor(path)
+    assert config.mop.layers == [[0, 4], [4, 8]] and config.encoder.instr_dim == 8
+    main(["eval", "--checkpoint", str(path), "--episodes", "2", "--num_envs", "2", "--json"])
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["episodes"] == 2 and 0.0 <= result["success_rate"] <= 1.0
