@@ -128,6 +128,28 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
+    return value
+
+
+def _seed(text: str) -> int:
+    from mop_torchrl.train.config import MAX_SEED
+
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if not 0 <= value <= MAX_SEED:
+        raise argparse.ArgumentTypeError(f"expected an integer in [0, {MAX_SEED}], got {text!r}")
+    return value
+
+
 def _fraction(text: str) -> float:
     try:
         value = float(text)
@@ -228,11 +250,11 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument(
         "--episodes", type=_positive_int, default=100, help="episodes (per level)"
     )
-    evaluate.add_argument("--seed", type=int, default=0)
+    evaluate.add_argument("--seed", type=_seed, default=0)
     evaluate.add_argument("--num_envs", type=_positive_int, default=8)
     evaluate.add_argument(
         "--probe_episodes",
-        type=int,
+        type=_non_negative_int,
         default=64,
         help="bot-driven episodes for the grounding probe (label accuracy with true vs "
         "shuffled missions); 0 skips it",
@@ -254,7 +276,7 @@ def build_parser() -> argparse.ArgumentParser:
     demos.add_argument("--episodes", type=_positive_int, required=True, help="episodes to add")
     demos.add_argument("--out", required=True, help="demo directory (appends if it exists)")
     demos.add_argument("--workers", type=_positive_int, default=2, help="worker processes")
-    demos.add_argument("--seed", type=int, default=0)
+    demos.add_argument("--seed", type=_seed, default=0)
     demos.add_argument("--quiet", action="store_true", help="no progress lines")
     demos.set_defaults(func=_demos)
 
@@ -270,7 +292,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--task_id", default=None, help="level(s), comma-separated (default: every training level)"
     )
     _old_spelling(routes, "--level", "task_id")
-    routes.add_argument("--seed", type=int, default=0)
+    routes.add_argument("--seed", type=_seed, default=0)
     routes.add_argument("--threshold", type=_fraction, default=0.0, help="MoP weight threshold τ")
     routes.add_argument("--disable_largest", action="store_true", help="MoP: no largest expert")
     routes.add_argument("--sweep", action="store_true", help="also run the ablation sweep")

@@ -220,9 +220,10 @@ def test_help_lists_nested_flags_with_their_help():
 
 
 def test_resumable_changes_come_from_the_field_metadata():
+    # run_dir/run_name are not: --resume RUN_DIR names the run.
     today = {
         "num_updates", "log_interval", "eval_episodes", "eval_interval",
-        "eval_interval_episodes", "logger", "worker_log_level", "run_dir", "run_name",
+        "eval_interval_episodes", "logger", "worker_log_level",
     }  # fmt: skip
     marked = {f.name for f in dataclasses.fields(TrainConfig) if f.metadata.get("resumable")}
     assert marked == RESUMABLE_CHANGES == today

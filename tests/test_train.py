@@ -18,14 +18,18 @@ def params(run_dir):
     return load_checkpoint(run_dir / "checkpoint.pt")["model"]["actor"]
 
 
-def test_resume_without_checkpoint_restarts_the_logs(tmp_path, tiny_config):
-    """A run killed before its first checkpoint restarts from 0 without its old log rows."""
+def test_resume_without_checkpoint_is_refused_and_keeps_the_logs(tmp_path, tiny_config):
+    """A run killed before its first checkpoint is not silently restarted from 0 (that cut
+    its logs): resuming it is refused with how to start over; ``--overwrite`` starts over."""
     config = tiny_config(num_updates=2, checkpoint_interval=100)
     old_logs = tmp_path / config.name / "logs" / "scalars" / "train"
     old_logs.mkdir(parents=True)
     (old_logs / "loss.csv").write_text("1,5.0\n2,4.0\n3,3.")  # the last row cut by the kill
     (tmp_path / config.name / "config.yaml").write_text(yaml.safe_dump(config.to_dict()))
-    run_dir = resume(tmp_path / config.name)
+    with pytest.raises(RunError, match=r"checkpoint\.pt is missing, but it holds logs/"):
+        resume(tmp_path / config.name)
+    assert (old_logs / "loss.csv").read_text() == "1,5.0\n2,4.0\n3,3."
+    run_dir = train(config, overwrite=True)
     rows = (run_dir / "logs" / "scalars" / "train" / "loss.csv").read_text().splitlines()
     assert [r.split(",")[0] for r in rows] == ["1", "2"] and "1,5.0" not in rows
 

@@ -60,11 +60,21 @@ def resume_config(run_dir: str | Path, overrides: dict[str, Any] | None = None) 
 
     ``overrides`` may change only what does not alter the training so far
     (:data:`~mop_torchrl.train.config.RESUMABLE_CHANGES`: ``num_updates`` to train for longer,
-    ``log_interval``, ``eval_episodes``, ``logger`` ...).
+    ``log_interval``, ``eval_episodes``, ``logger`` ...); the run's place is ``run_dir`` itself
+    (``run_dir``/``run_name`` overrides are refused).
     """
     run_dir = Path(run_dir)
+    if run_dir.name in ("", ".", ".."):  # `--resume .`: the run is named by the real directory
+        run_dir = run_dir.resolve()
     if not (run_dir / "config.yaml").is_file():
         raise FileNotFoundError(f"{str(run_dir)!r} is not a run directory (no config.yaml)")
+    placed = sorted({"run_dir", "run_name"} & set(overrides or {}))
+    if placed:
+        flags = "/".join(f"--{key}" for key in placed)
+        raise ValueError(
+            f"--resume RUN_DIR names the run to continue: drop {flags} (to continue it "
+            "elsewhere, move or copy the run directory first)"
+        )
     refused = sorted(set(overrides or {}) - RESUMABLE_CHANGES)
     if refused:
         raise ValueError(

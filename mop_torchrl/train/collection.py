@@ -196,27 +196,40 @@ def make_collector(
             tcp_port=_free_port() if launcher == "mp" else None,
         )
     if config.backend == "ray":
+        import warnings
+
         from torchrl.collectors.distributed import RayCollector
         from torchrl.collectors.distributed.ray import DEFAULT_RAY_INIT_CONFIG
 
-        # ray.init(address=None) joins the cluster named by RAY_ADDRESS, else starts one; the
-        # workers' torchrl logger is set to worker_log_level (warnings still reach the driver).
+        # Joins the cluster RAY_ADDRESS names; without it, a fresh local Ray ("local": never a
+        # cluster that happens to run on this machine). The workers' torchrl logger is set to
+        # worker_log_level (warnings still reach the driver).
         level = config.worker_log_level
         ray_init = {**DEFAULT_RAY_INIT_CONFIG, "logging_level": level}
+        ray_init["address"] = os.environ.get("RAY_ADDRESS") or "local"
         ray_init["runtime_env"] = {"env_vars": {"RL_LOGGING_LEVEL": level.upper()}}
-        return RayCollector(
-            create_envs,
-            policy=None,  # workers build it; push_weights sends the learner's weights
-            policy_factory=factory,
-            frames_per_batch=frames,
-            total_frames=total_frames,
-            exploration_type=exploration,
-            collector_class=_RayWorkerCollector,
-            collector_kwargs=[dict(worker_kwargs) for _ in create_envs],
-            sync=True,
-            ray_init_config=ray_init,
-        )
+        with warnings.catch_warnings():
+            # False here: push_weights sends the weights (policy_factory, no local policy).
+            warnings.filterwarnings("ignore", message=_RAY_NO_OP_WARNING)
+            return RayCollector(
+                create_envs,
+                policy=None,  # workers build it; push_weights sends the learner's weights
+                policy_factory=factory,
+                frames_per_batch=frames,
+                total_frames=total_frames,
+                exploration_type=exploration,
+                collector_class=_RayWorkerCollector,
+                collector_kwargs=[dict(worker_kwargs) for _ in create_envs],
+                sync=True,
+                ray_init_config=ray_init,
+            )
     raise ValueError(f"unknown backend {config.backend!r}")
+
+
+_RAY_NO_OP_WARNING = (
+    r"The policy is not an nn\.Module\. TorchRL will assume .*update_policy_weights_"
+)
+"""TorchRL's warning when a collector gets ``policy=None``: its weight updates "will be a no-op"."""
 
 
 class _RayWorkerCollector(Collector):

@@ -40,6 +40,8 @@ from mop_torchrl.core.config import (
 
 __all__ = [
     "FLAT_KEYS",
+    "MAX_NUM_ENVS",
+    "MAX_SEED",
     "RESUMABLE_CHANGES",
     "TrainConfig",
     "add_config_arguments",
@@ -180,9 +182,9 @@ class TrainConfig:
     entropy_coef: float = setting(0.01, "ppo: entropy bonus.")
     critic_coef: float = setting(0.5, "ppo: value loss weight.")
 
-    run_dir: str = setting("runs", "Parent directory of run directories.", resumable=True)
+    run_dir: str = setting("runs", "Parent directory of run directories.")
     run_name: str | None = setting(
-        None, "Run directory name (default: <algo>-<policy>-<level>-s<seed>).", resumable=True
+        None, "Run directory name (default: <algo>-<policy>-<level>-s<seed>)."
     )
     log_interval: int = setting(10, "Updates between log lines.", resumable=True)
     checkpoint_interval: int = setting(
@@ -213,6 +215,7 @@ class TrainConfig:
             if isinstance(getattr(self, name), list):
                 setattr(self, name, ",".join(str(item) for item in getattr(self, name)))
         check_fields(self)
+        self._check_run_limits()
         positive = ["num_envs", "unroll_len", "num_updates", "log_interval", "checkpoint_interval"]
         positive += ["gru_hidden_size", "batch_slices", "ppo_epochs", "minibatches"]
         positive += ["torch_threads", "num_workers", "updates_per_batch"]
@@ -240,6 +243,13 @@ class TrainConfig:
                 raise ValueError(
                     f"config key 'buffer_frames' ({self.buffer_frames}) must be a positive "
                     f"multiple of 'unroll_len' ({self.unroll_len})"
+                )
+            if self.buffer_frames < self.num_envs * self.unroll_len:
+                raise ConfigError(
+                    "buffer_frames",
+                    f"must hold at least one collected batch, num_envs x unroll_len = "
+                    f"{self.num_envs * self.unroll_len} frames, got {self.buffer_frames} (a "
+                    "smaller buffer keeps only the batch's last rows)",
                 )
             if not 0 <= self.dagger_beta <= 1 or self.dagger_beta_updates < 0:
                 raise ValueError(
@@ -271,6 +281,34 @@ class TrainConfig:
             raise ValueError(
                 f"config key 'num_workers' ({self.num_workers}) must divide num_envs "
                 f"({self.num_envs})"
+            )
+
+    def _check_run_limits(self) -> None:
+        """The seed's range, the levels, the run's name and the number of envs."""
+        if not 0 <= self.seed <= MAX_SEED:
+            raise ConfigError(
+                "seed",
+                f"must be in [0, {MAX_SEED}] (numpy's seed sequences take unsigned 32-bit "
+                f"seeds), got {self.seed}",
+            )
+        if not self.levels:
+            raise ConfigError("task_id", f"names no level, got {self.task_id!r}")
+        from mop_torchrl.babyai.levels import parse_level_weights
+
+        try:
+            parse_level_weights(self.level_weights, len(self.levels))
+        except ValueError as err:
+            raise ConfigError("level_weights", str(err)) from None
+        name = self.run_name
+        if name is not None and (name in ("", ".", "..") or "/" in name or "\\" in name):
+            raise ConfigError(
+                "run_name", f"must be one directory name (no '/', not '.' or '..'), got {name!r}"
+            )
+        if self.num_envs > MAX_NUM_ENVS:
+            raise ConfigError(
+                "num_envs",
+                f"must be at most {MAX_NUM_ENVS}, got {self.num_envs}: every env is a BabyAI "
+                "game and its bot in memory (a few MB each), all built before the first update",
             )
 
     @property
@@ -322,6 +360,12 @@ class TrainConfig:
                 raise err.within(name) from None
         return cls(**values, **sections)
 
+
+MAX_SEED = 2**32 - 1
+"""The largest ``seed``: numpy's seed sequences, which seed the envs, take unsigned 32-bit ints."""
+
+MAX_NUM_ENVS = 1024
+"""The most envs a run builds: each is a BabyAI game and bot in memory, all built up front."""
 
 FLAT_KEYS: dict[str, str] = {
     "mop_preset": "mop.preset",

@@ -15,15 +15,36 @@ loss-bearing ``slice_len`` steps.
 
 from __future__ import annotations
 
+import json
+import logging
+import math
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-from tensordict import NestedKey, TensorDictBase
+from tensordict import NestedKey, TensorDict, TensorDictBase
 from tensordict.nn import TensorDictModuleBase
+from torchrl._utils import logger as torchrl_logger
 from torchrl.data import LazyTensorStorage, SliceSampler, TensorDictReplayBuffer
 
-__all__ = ["BotMixer", "DaggerDataset", "dagger_beta"]
+__all__ = ["BotMixer", "DaggerDataset", "DumpError", "check_dump", "dagger_beta"]
+
+
+class DumpError(ValueError):
+    """A dataset dump that does not fit what :meth:`DaggerDataset.dumps` writes."""
+
+
+def _not_storage_allocated(record: logging.LogRecord) -> bool:
+    """Drops TorchRL's INFO line "Initialized LazyTensorStorage with ... shape", which opened
+    every imitation run; every other torchrl record passes."""
+    return not (
+        record.levelno == logging.INFO
+        and str(record.msg).startswith("Initialized LazyTensorStorage with")
+    )
+
+
+if _not_storage_allocated not in torchrl_logger.filters:
+    torchrl_logger.addFilter(_not_storage_allocated)
 
 
 class DaggerDataset:
@@ -37,7 +58,8 @@ class DaggerDataset:
         burn_in: steps before them that only refresh the stored state (labels ``-1``).
         batch_slices: slices per sample.
 
-    :meth:`dumps`/:meth:`loads` save and restore it with the TorchRL replay buffer's own.
+    :meth:`dumps`/:meth:`loads` save and restore its storage and writer with TorchRL's
+    checkpointers (memmaps and JSON; nothing is pickled, so loading a dump runs no code).
 
     Examples:
         >>> import torch
@@ -88,12 +110,29 @@ class DaggerDataset:
         self._segments += batch.shape[0]
 
     def dumps(self, path: str | Path) -> None:
-        """Writes the replay buffer (storage, sampler, writer) to the directory ``path``."""
-        self.buffer.dumps(path)
+        """Writes the replay buffer's storage (``storage/``: memmaps, ``meta.json``,
+        ``storage_metadata.json``) and writer (``writer/metadata.json``) to ``path``.
+
+        Not ``ReplayBuffer.dumps``: that also pickles the prefetch queue (``prefetch.pkl``),
+        which ``loads`` would unpickle; the sampler (a ``SliceSampler``) keeps no state, and the
+        batch size comes from the config.
+        """
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        self.buffer.storage.dumps(path / "storage")
+        self.buffer.writer.dumps(path / "writer")
 
     def loads(self, path: str | Path) -> None:
-        """Restores what :meth:`dumps` wrote."""
-        self.buffer.loads(path)
+        """Restores what :meth:`dumps` wrote (or ``ReplayBuffer.dumps``, whose ``*.pkl`` files
+        are ignored), after :func:`check_dump`; reads JSON and memmaps only, copies the rows
+        into memory and never writes to ``path``."""
+        path = Path(path)
+        length, cursor, write_count = check_dump(path, self.buffer.storage.max_size)
+        stored = TensorDict.load_memmap(path / "storage", allow_pickle=False)
+        self.buffer.storage.load_state_dict(
+            {"_storage": stored.state_dict(), "initialized": True, "_len": length}
+        )
+        self.buffer.writer.load_state_dict({"_cursor": cursor, "_write_count": write_count})
         stored = self.buffer.storage[: len(self.buffer)]["segment"]
         self._segments = int(stored.max()) + 1 if len(self.buffer) else 0
 
@@ -105,6 +144,88 @@ class DaggerDataset:
         if self.burn_in:
             td["expert_action"][:, : self.burn_in] = -1
         return td
+
+
+def check_dump(path: str | Path, capacity: int | None = None) -> tuple[int, int, int | None]:
+    """Checks a dump's layout without loading it; returns its ``(len, cursor, write_count)``.
+
+    Every tensor ``storage/meta.json`` lists (and those of nested tensordicts, in their own
+    ``meta.json``) must have its ``.memmap`` file, of exactly the size its shape and dtype
+    take (a truncated file would be regrown with zeros on load); nothing but tensors and
+    tensordicts is accepted; ``len`` and the writer's cursor must lie within the rows
+    (``capacity`` if given).
+
+    Raises:
+        DumpError: naming the file at fault (one line).
+    """
+    storage = Path(path) / "storage"
+    rows = _check_tensordict_dir(storage, capacity)
+    length = _read_json(storage / "storage_metadata.json").get("len")
+    writer = _read_json(Path(path) / "writer" / "metadata.json")
+    cursor, count = writer.get("cursor"), writer.get("write_count")
+    if not _is_count(length, rows) or not _is_count(cursor, rows - 1):
+        raise DumpError(
+            f"the buffer dump {str(path)!r} is inconsistent: len {length!r}, cursor {cursor!r}, "
+            f"{rows} rows"
+        )
+    return length, cursor, count if isinstance(count, int) else None
+
+
+def _check_tensordict_dir(directory: Path, rows: int | None) -> int:
+    """Checks one memmapped tensordict directory (recursively); returns its row count."""
+    meta_file = directory / "meta.json"
+    meta = _read_json(meta_file)
+    shape = meta.get("shape")
+    if meta.get("_type") != str(TensorDict) or not _is_shape(shape) or len(shape) != 1:
+        raise DumpError(f"{str(meta_file)!r} is not a one-dimensional TensorDict")
+    if rows is not None and shape[0] != rows:
+        raise DumpError(f"{str(meta_file)!r} holds {shape[0]} rows, not {rows}")
+    rows = shape[0]
+    for key, value in meta.items():
+        if key in ("shape", "device", "_type"):
+            continue
+        if not isinstance(value, dict) or "/" in key or key in ("", ".", ".."):
+            raise DumpError(f"{str(meta_file)!r} has an entry {key!r} this dataset never writes")
+        if value.get("type") == "TensorDict" and len(value) == 1:
+            _check_tensordict_dir(directory / key, rows)
+            continue
+        dtype = getattr(torch, str(value.get("dtype", "")).removeprefix("torch."), None)
+        if not isinstance(dtype, torch.dtype) or not _is_shape(value.get("shape")):
+            raise DumpError(f"{str(meta_file)!r} lists {key!r} without a tensor shape and dtype")
+        if value["shape"][:1] != [rows]:
+            raise DumpError(f"{str(meta_file)!r} gives {key!r} {value['shape'][:1]} rows")
+        file = directory / f"{key}.memmap"
+        expected = math.prod(value["shape"]) * dtype.itemsize
+        if not file.is_file():
+            raise DumpError(f"{str(file)!r} of the buffer dump is missing")
+        if file.stat().st_size != expected:
+            raise DumpError(
+                f"{str(file)!r} has {file.stat().st_size} bytes, but {key!r} takes {expected}: "
+                "the buffer dump is truncated or altered"
+            )
+    return rows
+
+
+def _read_json(file: Path) -> dict:
+    try:
+        data = json.loads(file.read_text())
+    except FileNotFoundError:
+        raise DumpError(f"{str(file)!r} of the buffer dump is missing") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise DumpError(f"{str(file)!r} of the buffer dump is unreadable: {err}") from None
+    if not isinstance(data, dict):
+        raise DumpError(f"{str(file)!r} of the buffer dump is not a JSON object")
+    return data
+
+
+def _is_shape(shape: object) -> bool:
+    return isinstance(shape, list) and all(
+        isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in shape
+    )
+
+
+def _is_count(value: object, most: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= most
 
 
 def dagger_beta(beta: float, decay_updates: int, update: int) -> float:
@@ -124,6 +245,7 @@ class BotMixer(TensorDictModuleBase):
 
     Steps where the bot failed (label ``-1``) keep the student's action. Put it after the actor
     in the collection policy; set ``beta`` (e.g. from :func:`dagger_beta`) between batches.
+    ``beta`` is kept in a buffer, so it travels with the weights to a collector worker.
 
     Examples:
         >>> import torch
@@ -138,7 +260,15 @@ class BotMixer(TensorDictModuleBase):
         super().__init__()
         self.in_keys = ["action", "expert_action"]
         self.out_keys = ["action"]
-        self.beta = beta
+        self.register_buffer("_beta", torch.tensor(float(beta), dtype=torch.float64))
+
+    @property
+    def beta(self) -> float:
+        return float(self._beta)
+
+    @beta.setter
+    def beta(self, value: float) -> None:
+        self._beta.fill_(value)
 
     def forward(self, tensordict: TensorDictBase) -> TensorDictBase:
         if self.beta <= 0:

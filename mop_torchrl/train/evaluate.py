@@ -169,7 +169,15 @@ def evaluate_checkpoint(
     probe_episodes: int = 64,
 ) -> dict[str, Any]:
     """:func:`evaluate` on a checkpoint, with the MoP ablation knobs, and the
-    :func:`grounding_probe` on ``probe_episodes`` bot episodes (0 skips it)."""
+    :func:`grounding_probe` on ``probe_episodes`` bot episodes (0 skips it).
+
+    The arguments are checked before anything runs (``ValueError``)."""
+    from mop_torchrl.train.config import MAX_SEED
+
+    if probe_episodes < 0:
+        raise ValueError(f"probe_episodes must be >= 0, got {probe_episodes}")
+    if not 0 <= seed <= MAX_SEED:
+        raise ValueError(f"seed must be in [0, {MAX_SEED}], got {seed}")
     actor, config = load_actor(checkpoint)
     cores = [m for m in actor.modules() if isinstance(m, MoPModule)]
     if (weight_threshold or disable_largest) and not cores:

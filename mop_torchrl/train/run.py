@@ -16,7 +16,10 @@ bookkeeping they share::
 from __future__ import annotations
 
 import contextlib
+import importlib.util
+import logging
 import math
+import re
 import shutil
 import signal
 import tempfile
@@ -34,14 +37,16 @@ from tqdm.auto import tqdm
 
 from mop_torchrl.train.checkpoint import (
     CheckpointError,
+    dump_digests,
     load_checkpoint,
     remove_orphan_temps,
     save_checkpoint,
     seed_everything,
+    verify_dump,
 )
 from mop_torchrl.train.config import RESUMABLE_CHANGES, TrainConfig
 from mop_torchrl.train.evaluate import bot_episodes, evaluate, grounding_probe
-from mop_torchrl.train.logs import make_logger, truncate_csv_logs
+from mop_torchrl.train.logs import LOGGER_PACKAGES, make_logger, truncate_csv_logs
 from mop_torchrl.train.policy import build_policy, load_modules
 from mop_torchrl.train.stats import EpisodeStats, MetricMeans
 
@@ -56,6 +61,9 @@ __all__ = [
 ]
 
 CHECKPOINT = "checkpoint.pt"
+_RUN_PLACE = frozenset({"run_dir", "run_name"})
+"""Where the run lives, set from ``--resume RUN_DIR``: a moved run folder still resumes."""
+_DUMP_NAME = re.compile(r"buffers/[A-Za-z0-9_-]+")
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -127,7 +135,9 @@ class Run:
 
         On resume it is restored right away from the dump its checkpoint names. Each
         checkpoint names its own dump directory, written before the checkpoint: a run killed
-        in between keeps the previous, consistent pair.
+        in between keeps the previous, consistent pair. The checkpoint also records the size
+        and sha256 of every file of the dump, checked by :func:`validate_start` before
+        anything is read or written.
         """
         self.buffers[name] = buffer
         if name in self._saved_buffers:
@@ -148,12 +158,14 @@ class Run:
     ) -> Path:
         """Writes the tracked buffers, then the checkpoint after ``update`` updates (atomically)."""
         saved = {name: f"buffers/{name}-{update:08d}" for name in self.buffers}
+        files = {}
         for name, buffer in self.buffers.items():
             path = self.dir / saved[name]
             if path.exists():
                 shutil.rmtree(path)
             path.parent.mkdir(exist_ok=True)
             buffer.dumps(path)
+            files[name] = dump_digests(path)
         path = save_checkpoint(
             self.checkpoint_path,
             {
@@ -164,6 +176,7 @@ class Run:
                 "frames": self.frames,
                 "extra": self.extra,
                 "buffers": saved,
+                "buffer_files": files,
             },
         )
         for stale in (self.dir / "buffers").glob("*") if saved else ():
@@ -352,10 +365,12 @@ def validate_start(
     """Checks that the run can start, without touching the disk; returns the checkpoint to resume.
 
     Checked: the level exists; BC demos open and hold that level; an ``init_checkpoint`` loads
-    into this policy; the run directory is writable; a new run does not reuse a directory
-    (unless ``overwrite``, and then only one holding a ``config.yaml``); a resumed run's
-    checkpoint is readable, was written with the same settings, and is not past
-    ``num_updates``.
+    into this policy; the logger's package is installed; the run directory is writable; a new
+    run does not reuse a directory (unless ``overwrite``, and then only a run directory of
+    this package inside ``run_dir``: :func:`check_deletable`); a resumed run's checkpoint is
+    readable, was written with the same settings, is not past ``num_updates``, and the
+    buffer dumps it names match the sizes and sha256 it recorded (a run directory with logs
+    or buffers but no checkpoint is not resumed from 0: it is refused).
 
     Raises:
         RunError, CheckpointError, DemoError, ValueError: naming what is wrong (one line).
@@ -378,6 +393,7 @@ def validate_start(
     if run_dir.exists() and not run_dir.is_dir():
         raise RunError(f"run directory {str(run_dir)!r} exists and is not a directory")
     _check_writable(run_dir)
+    _check_logger(config.logger)
     checkpoint = run_dir / CHECKPOINT
     payload = None
     if resume and overwrite:
@@ -389,7 +405,7 @@ def validate_start(
         diff = {
             key: (saved.get(key), value)
             for key, value in config.to_dict().items()
-            if key not in RESUMABLE_CHANGES and saved.get(key) != value
+            if key not in RESUMABLE_CHANGES | _RUN_PLACE and saved.get(key) != value
         }
         if diff:
             raise CheckpointError(
@@ -401,6 +417,15 @@ def validate_start(
                 f"run {str(run_dir)!r} is already at update {payload['update']}: "
                 f"num_updates {config.num_updates} would go back"
             )
+        _check_buffer_dumps(payload, run_dir, checkpoint)
+    elif resume:
+        held = [f"{name}/" for name in ("logs", "buffers") if (run_dir / name).exists()]
+        if held:
+            raise RunError(
+                f"cannot resume {str(run_dir)!r}: {CHECKPOINT} is missing, but it holds "
+                f"{' and '.join(held)} of an earlier start; start it over with `mop-torchrl "
+                f"train --config {run_dir / 'config.yaml'} --overwrite`"
+            )
     elif not resume and run_dir.is_dir() and any(run_dir.iterdir()):
         if not overwrite:
             held = "a checkpoint" if checkpoint.exists() else "files of another run"
@@ -408,11 +433,8 @@ def validate_start(
                 f"run directory {str(run_dir)!r} already holds {held}: pass --resume to "
                 "continue it, --overwrite to start again, or choose another --run_name"
             )
-        if not (run_dir / "config.yaml").is_file():
-            raise RunError(
-                f"--overwrite refuses to delete {str(run_dir)!r}: it is not a run directory "
-                "(no config.yaml)"
-            )
+        check_deletable(config)
+        _check_writable(run_dir.parent)
     if config.algo == "ppo" and config.init_checkpoint and payload is None:
         actor, _ = build_policy(config)
         source = Path(config.init_checkpoint)
@@ -421,8 +443,87 @@ def validate_start(
 
 
 def remove_run(config: TrainConfig) -> None:
-    """Deletes the run directory ``config`` names (``--overwrite``; validate it first)."""
+    """Deletes the run directory ``config`` names (``--overwrite``; validate it first).
+
+    Refuses (:func:`check_deletable`) anything but a run directory of this package inside
+    ``run_dir``.
+    """
+    check_deletable(config)
     shutil.rmtree(run_directory(config), ignore_errors=False)
+
+
+def check_deletable(config: TrainConfig) -> None:
+    """Raises :class:`RunError` unless ``--overwrite`` may delete the run directory ``config``
+    names: a real directory (not a symbolic link) strictly inside ``run_dir``, holding neither
+    the working directory nor the new run's demos or init checkpoint, and a run of this
+    package: a ``config.yaml`` that reads as a :class:`TrainConfig`, with a ``checkpoint.pt``,
+    ``logs/`` or ``buffers/`` beside it."""
+    run_dir = run_directory(config)
+    refuse = f"--overwrite refuses to delete {str(run_dir)!r}"
+    if run_dir.is_symlink():
+        raise RunError(f"{refuse}: it is a symbolic link")
+    target, parent = run_dir.resolve(), Path(config.run_dir).resolve()
+    if parent not in target.parents:
+        raise RunError(f"{refuse}: it is not inside run_dir {config.run_dir!r}")
+    inputs = {"the working directory": Path.cwd(), "--demos": config.demos}
+    inputs["--init_checkpoint"] = config.init_checkpoint
+    for what, path in inputs.items():
+        resolved = Path(path).resolve() if path is not None else None
+        if resolved is not None and (resolved == target or target in resolved.parents):
+            raise RunError(f"{refuse}: it holds {what}")
+    config_file = run_dir / "config.yaml"
+    try:
+        TrainConfig.from_dict(yaml.safe_load(config_file.read_text()) or {})
+    except (OSError, UnicodeDecodeError, yaml.YAMLError, ValueError, TypeError):
+        raise RunError(
+            f"{refuse}: it is not a run directory (no config.yaml of a mop_torchrl run)"
+        ) from None
+    if not any((run_dir / name).exists() for name in (CHECKPOINT, "logs", "buffers")):
+        raise RunError(f"{refuse}: it is not a run directory (no {CHECKPOINT}, logs/ or buffers/)")
+
+
+def _check_buffer_dumps(payload: dict[str, Any], run_dir: Path, checkpoint: Path) -> None:
+    """Checks each buffer dump ``payload`` names against the sizes and sha256 it recorded.
+
+    A checkpoint written before dumps had digests has only the dump's layout checked
+    (sizes against its own ``meta.json``), with a warning; pickles in a dump are never read.
+    """
+    from mop_torchrl.train.dagger import DumpError, check_dump
+
+    recorded = payload.get("buffer_files")
+    for name, relative in payload.get("buffers", {}).items():
+        if not isinstance(relative, str) or not _DUMP_NAME.fullmatch(relative):
+            raise CheckpointError(
+                f"checkpoint {str(checkpoint)!r} names the {name} buffer dump {relative!r}, "
+                "not a directory under buffers/"
+            )
+        path = run_dir / relative
+        if recorded is not None:
+            if name not in recorded:
+                raise CheckpointError(
+                    f"checkpoint {str(checkpoint)!r} records no files of its {name} buffer dump"
+                )
+            verify_dump(path, recorded[name], checkpoint)
+            continue
+        if not path.is_dir():
+            raise CheckpointError(
+                f"checkpoint {str(checkpoint)!r} names the {name} buffer {str(path)!r}, "
+                "which is missing"
+            )
+        try:
+            check_dump(path)
+        except DumpError as err:
+            raise CheckpointError(str(err)) from None
+        logging.getLogger(__name__).warning(
+            f"warning: checkpoint {str(checkpoint)!r} predates buffer-dump digests: the "
+            f"{name} dump was checked for its layout only (the next checkpoint records them)"
+        )
+
+
+def _check_logger(kind: str) -> None:
+    package = LOGGER_PACKAGES.get(kind)
+    if package is not None and importlib.util.find_spec(package) is None:
+        raise RunError(f"--logger {kind} needs the {package!r} package: pip install {package}")
 
 
 def _check_writable(path: Path) -> None:

@@ -57,12 +57,22 @@ class DemoWriter:
     def __init__(self, path: Path, level: str) -> None:
         self.path = path
         path.mkdir(parents=True, exist_ok=True)
+        new_lock = not (path / _LOCK).exists()
         self._lock = open(path / _LOCK, "w")  # noqa: SIM115  (held for the writer's life)
         try:
             fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             self._lock.close()
             raise DemoError(f"another process is writing demos to {path}") from None
+        try:
+            self._open(path, level)
+        except BaseException:  # refused: leave the directory as it was, without our lock file
+            if new_lock:  # removed while still held, so no other writer can hold it
+                (path / _LOCK).unlink(missing_ok=True)
+            self.close()
+            raise
+
+    def _open(self, path: Path, level: str) -> None:
         remove_orphan_temps(path / META)  # a kill during a commit; we hold the lock
         if (path / META).exists():
             self.meta = read_meta(path)
