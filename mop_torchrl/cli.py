@@ -7,13 +7,16 @@ with underscores, and the level(s) are ``--task_id`` in every command; the older
 
 Errors a user can cause (bad config or flags, unusable files or directories, a run that cannot
 start) print one line on stderr and exit non-zero (2 for usage and config errors, 1 for the
-others, 130 after Ctrl-C); anything else is a bug and keeps its traceback.
+others, 130 after Ctrl-C, 143 after SIGTERM); anything else is a bug and keeps its traceback.
+SIGTERM (what schedulers send) is handled like Ctrl-C: a training run saves a checkpoint of
+the current update first; elsewhere the command stops, cleaning up its workers.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 from collections.abc import Sequence
 from typing import NoReturn
@@ -22,6 +25,7 @@ __all__ = ["main"]
 
 USAGE_ERROR = 2
 INTERRUPTED = 130
+TERMINATED = 128 + signal.SIGTERM
 
 
 def _fail(command: str, err: object, code: int = 1) -> NoReturn:
@@ -335,12 +339,21 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     from mop_torchrl.babyai.demos import DemoError
     from mop_torchrl.train.checkpoint import CheckpointError
-    from mop_torchrl.train.run import NonFiniteLossError, RunError, RunInterrupted
+    from mop_torchrl.train.run import (
+        NonFiniteLossError,
+        RunError,
+        RunInterrupted,
+        Terminated,
+        raise_terminated,
+    )
 
+    signal.signal(signal.SIGTERM, raise_terminated)
     try:
         args.func(args)
     except RunInterrupted as err:
-        _fail(args.command, err, INTERRUPTED)
+        _fail(args.command, err, err.exit_code)
+    except Terminated:
+        _fail(args.command, "terminated (SIGTERM)", TERMINATED)
     except KeyboardInterrupt:
         _fail(args.command, "interrupted", INTERRUPTED)
     except (CheckpointError, DemoError, RunError, NonFiniteLossError, OSError) as err:

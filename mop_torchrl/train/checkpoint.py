@@ -19,6 +19,7 @@ before anything reads them.
 from __future__ import annotations
 
 import hashlib
+import io
 import random
 import re
 import warnings
@@ -81,8 +82,14 @@ def seed_everything(seed: int, update: int, stream: str) -> None:
 
 def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> Path:
     """Writes ``payload`` (plus the format tag) atomically to ``path``
-    (:func:`~mop_torchrl.io.atomic_write`: a kill leaves the previous checkpoint)."""
-    return atomic_write(path, lambda f: torch.save({"format": FORMAT, **payload}, f))
+    (:func:`~mop_torchrl.io.atomic_write`: a kill leaves the previous checkpoint).
+
+    It is serialised in memory first, so a failed write (a full disk) raises the ``OSError``
+    itself (``ENOSPC``), not torch's ``RuntimeError("... file write failed")``.
+    """
+    data = io.BytesIO()
+    torch.save({"format": FORMAT, **payload}, data)
+    return atomic_write(path, lambda f: f.write(data.getbuffer()))
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:

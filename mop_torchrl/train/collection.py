@@ -30,10 +30,13 @@ optimizer update, before the next batch is requested (:func:`push_weights`).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
+import signal
 import socket
+import threading
 from collections.abc import Callable, Iterator, Sequence
 
 import torch
@@ -208,7 +211,7 @@ def make_collector(
         ray_init = {**DEFAULT_RAY_INIT_CONFIG, "logging_level": level}
         ray_init["address"] = os.environ.get("RAY_ADDRESS") or "local"
         ray_init["runtime_env"] = {"env_vars": {"RL_LOGGING_LEVEL": level.upper()}}
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), _keep_signal_handlers():
             # False here: push_weights sends the weights (policy_factory, no local policy).
             warnings.filterwarnings("ignore", message=_RAY_NO_OP_WARNING)
             return RayCollector(
@@ -276,18 +279,54 @@ def segment_batches(
         # Closing a batched env raises torch's thread count (torchrl 0.14): the next segment's
         # collection would run with other threads than a resumed run's (other rounding).
         with keep_num_threads():
-            collector = make_collector(
-                config, actor, create_envs, frames * (end - update), exploration
-            )
+            with workers_ignore_signals():
+                collector = make_collector(
+                    config, actor, create_envs, frames * (end - update), exploration
+                )
             try:
                 batches = iter(collector)
                 while update < end:
                     push_weights(collector, actor, config)
-                    data = next(batches)
+                    # Workers may start lazily (ParallelEnv: at the first reset).
+                    first = update == start or update % config.checkpoint_interval == 0
+                    with workers_ignore_signals() if first else contextlib.nullcontext():
+                        data = next(batches)
                     yield update, _as_env_rows(data, config)
                     update += 1
             finally:
                 collector.shutdown()
+
+
+@contextlib.contextmanager
+def _keep_signal_handlers() -> Iterator[None]:
+    """Puts this process's SIGINT and SIGTERM handlers back after the block: ``ray.init``
+    replaces the SIGTERM one (by ``sys.exit(15)``, and Ray's native handler aborts), which
+    would end the run without its checkpoint and leave Ray's processes behind."""
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        if threading.current_thread() is threading.main_thread():
+            for sig, handler in handlers.items():
+                if handler is not None:
+                    signal.signal(sig, handler)
+
+
+@contextlib.contextmanager
+def workers_ignore_signals() -> Iterator[None]:
+    """Blocks SIGINT and SIGTERM in this thread meanwhile: processes started inside (collector
+    and env workers, Ray's) inherit the blocked mask, through fork and exec.
+
+    So a Ctrl-C or a scheduler's SIGTERM sent to the whole process group reaches the learner
+    alone, which finishes its update, saves, and shuts the workers down (TorchRL's shutdown
+    ends with SIGKILL where a worker does not stop). A signal arriving meanwhile is not lost:
+    another thread of the learner takes it, or it stays pending until the mask is restored.
+    """
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 def _as_env_rows(data: TensorDictBase, config: TrainConfig) -> TensorDictBase:

@@ -16,18 +16,22 @@ bookkeeping they share::
 from __future__ import annotations
 
 import contextlib
+import errno
+import fcntl
 import importlib.util
 import logging
 import math
+import os
 import re
 import shutil
 import signal
 import tempfile
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 import yaml
@@ -55,6 +59,7 @@ __all__ = [
     "Run",
     "RunError",
     "RunInterrupted",
+    "Terminated",
     "Updates",
     "check_finite",
     "validate_start",
@@ -71,12 +76,32 @@ class NonFiniteLossError(FloatingPointError):
 
 
 class RunError(ValueError):
-    """A run that cannot start as asked (name taken, nothing to resume, unusable inputs)."""
+    """A run that cannot start as asked (name taken, in use, nothing to resume, unusable
+    inputs)."""
+
+
+class DiskFullError(OSError):
+    """A checkpoint or buffer dump that did not fit on the disk; the last pair was kept."""
 
 
 class RunInterrupted(Exception):
-    """Raised by :meth:`Updates.end` after SIGINT, once a checkpoint of the current update is
-    saved."""
+    """Raised by :meth:`Updates.end` after SIGINT or SIGTERM, once a checkpoint of the current
+    update is saved; ``exit_code`` is the shell's 128 + signal number (130, 143)."""
+
+    def __init__(self, message: str, exit_code: int = 130) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised like ``KeyboardInterrupt`` for SIGINT: outside the loop's deferral, or
+    as a second SIGTERM inside it (the console script exits 143)."""
+
+
+def raise_terminated(signum: int, frame: Any) -> None:
+    """A SIGTERM handler raising :class:`Terminated`, so ``finally`` blocks and ``atexit``
+    (collector shutdown, ``ray.shutdown``) run instead of the process dying at once."""
+    raise Terminated
 
 
 def check_finite(loss: torch.Tensor, update: int) -> None:
@@ -97,16 +122,27 @@ class Run:
     run that cannot start leaves the disk untouched; then orphan checkpoint temporaries are
     removed, the CSV logs are cut back to the checkpoint's update (each update is logged
     once) and ``config.yaml`` is written.
+
+    The run directory is locked (:class:`RunLock`) from before the checks until the loop
+    ends (:meth:`updates`): a second process on it is refused.
     """
 
     def __init__(self, config: TrainConfig, resume: bool = False) -> None:
         self.config = config
         self.dir = run_directory(config)
         self.checkpoint_path = self.dir / CHECKPOINT
-        self._payload = validate_start(config, resume)
+        self._lock = RunLock.take(self.dir) if self.dir.is_dir() else None
+        try:
+            self._payload = validate_start(config, resume)
+            self.dir.mkdir(parents=True, exist_ok=True)
+            self._lock = self._lock or RunLock.take(self.dir)
+        except BaseException:
+            if self._lock is not None:
+                self._lock.release()
+            raise
+        weakref.finalize(self, self._lock.release)
         self.start_update = self._payload["update"] if self._payload else 0
         self.saved_update: int | None = self.start_update if self._payload else None
-        self.dir.mkdir(parents=True, exist_ok=True)
         remove_orphan_temps(self.checkpoint_path)
         truncate_csv_logs(self.dir / "logs", self.start_update)
         (self.dir / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
@@ -156,7 +192,53 @@ class Run:
     def save(
         self, update: int, modules: dict[str, nn.Module], optimizer: torch.optim.Optimizer
     ) -> Path:
-        """Writes the tracked buffers, then the checkpoint after ``update`` updates (atomically)."""
+        """Writes the tracked buffers, then the checkpoint after ``update`` updates (atomically).
+
+        Disk full: the free space is checked first against an estimate of what the buffer
+        dumps and the checkpoint take (a memory-mapped dump hitting a full filesystem would
+        die of SIGBUS), and a write failing for lack of space (``ENOSPC``, also when torch
+        wraps it in a ``RuntimeError``) is reported as :class:`DiskFullError`; either way the
+        new files are removed and the last checkpoint and its buffer dumps are kept.
+        """
+        kept = set(self._saved_buffers.values())
+        written = {name: f"buffers/{name}-{update:08d}" for name in self.buffers}
+        try:
+            _check_free_space(self.dir, self._bytes_needed(modules, optimizer))
+            path = self._write(update, modules, optimizer)
+        except (OSError, RuntimeError) as err:
+            if not _no_space(err):
+                raise
+            for relative in set(written.values()) - kept:
+                shutil.rmtree(self.dir / relative, ignore_errors=True)
+            last = (
+                f"the checkpoint of update {self.saved_update} and its buffers were kept"
+                if self.saved_update is not None
+                else "no checkpoint was written yet"
+            )
+            raise DiskFullError(
+                f"cannot save update {update} in {str(self.dir)!r}: No space left on device "
+                f"({_no_space(err)}); {last}. Free some space, then continue with --resume "
+                f"{self.dir}"
+            ) from None
+        self._saved_buffers = written
+        return path
+
+    def _bytes_needed(self, modules: dict[str, nn.Module], optimizer: torch.optim.Optimizer) -> int:
+        """What :meth:`_write` puts on disk, over-estimated: every buffer dump's tensors (each
+        file rounded up to a page), the model and optimizer tensors, 256 KiB of metadata."""
+        state = [t for m in modules.values() for t in m.state_dict().values()]
+        state += [
+            t
+            for per_param in optimizer.state_dict()["state"].values()
+            for t in per_param.values()
+            if isinstance(t, torch.Tensor)
+        ]
+        dumps = [t for buffer in self.buffers.values() for t in _stored_tensors(buffer)]
+        return sum(_disk_bytes(t) for t in dumps + state) + 256 * 1024
+
+    def _write(
+        self, update: int, modules: dict[str, nn.Module], optimizer: torch.optim.Optimizer
+    ) -> Path:
         saved = {name: f"buffers/{name}-{update:08d}" for name in self.buffers}
         files = {}
         for name, buffer in self.buffers.items():
@@ -215,11 +297,14 @@ class Run:
     def updates(
         self, modules: dict[str, nn.Module], optimizer: torch.optim.Optimizer
     ) -> Iterator[Updates]:
-        """The loop's bookkeeping (:class:`Updates`), with a progress bar and SIGINT deferred.
+        """The loop's bookkeeping (:class:`Updates`), with a progress bar and SIGINT and
+        SIGTERM deferred.
 
-        A first SIGINT lets the current update finish and be checkpointed, then
-        :meth:`Updates.end` raises :class:`RunInterrupted`. A :class:`NonFiniteLossError`
-        leaving the block gets the checkpoint that was kept added to its message.
+        A first SIGINT or SIGTERM lets the current update finish and be checkpointed, then
+        :meth:`Updates.end` raises :class:`RunInterrupted` (exit code 130 or 143); a second
+        one raises ``KeyboardInterrupt`` or :class:`Terminated` at once. A
+        :class:`NonFiniteLossError` leaving the block gets the checkpoint that was kept added
+        to its message. The run directory's lock is released when the block ends.
         """
         config = self.config
         self._bar = tqdm(
@@ -229,8 +314,8 @@ class Run:
             dynamic_ncols=True,
         )
         try:
-            with _deferred_sigint() as interrupted:
-                yield Updates(self, modules, optimizer, interrupted)
+            with _deferred_signals() as received:
+                yield Updates(self, modules, optimizer, received)
         except NonFiniteLossError as err:
             kept = (
                 f"the checkpoint of update {self.saved_update} was kept"
@@ -243,6 +328,7 @@ class Run:
         finally:
             self._bar.close()
             self._bar = None
+            self._lock.release()
 
 
 class Updates:
@@ -259,10 +345,10 @@ class Updates:
         run: Run,
         modules: dict[str, nn.Module],
         optimizer: torch.optim.Optimizer,
-        interrupted: Callable[[], bool],
+        received: Callable[[], int],
     ) -> None:
         self.run, self.modules, self.optimizer = run, modules, optimizer
-        self.interrupted = interrupted
+        self.received = received
         self.seconds = {"collect": 0.0, "train": 0.0}
 
     def __iter__(self) -> Iterator[int]:
@@ -297,8 +383,8 @@ class Updates:
 
         At the log interval it logs the means of ``metrics`` since the last log (their one
         read-back), ``stats``' summary and ``perf/*``; at the eval interval the held-out
-        metrics; at the checkpoint interval, the last update or after SIGINT a checkpoint.
-        Raises :class:`RunInterrupted` after SIGINT.
+        metrics; at the checkpoint interval, the last update or after SIGINT/SIGTERM a
+        checkpoint. Raises :class:`RunInterrupted` after SIGINT/SIGTERM.
         """
         run, config = self.run, self.run.config
         done = update + 1
@@ -322,15 +408,13 @@ class Updates:
             run.log(done, logged)
         if config.eval_interval and done % config.eval_interval == 0:
             run.log(done, run.held_out(self.modules["actor"]))
-        if (
-            done % config.checkpoint_interval == 0
-            or done == config.num_updates
-            or self.interrupted()
-        ):
+        if done % config.checkpoint_interval == 0 or done == config.num_updates or self.received():
             run.save(done, self.modules, self.optimizer)
-        if self.interrupted():
+        if signum := self.received():
+            what = "interrupted" if signum == signal.SIGINT else "terminated (SIGTERM)"
             raise RunInterrupted(
-                f"interrupted: checkpoint saved at update {done}; continue with --resume {run.dir}"
+                f"{what}: checkpoint saved at update {done}; continue with --resume {run.dir}",
+                exit_code=128 + signum,
             )
 
 
@@ -393,6 +477,7 @@ def validate_start(
     if run_dir.exists() and not run_dir.is_dir():
         raise RunError(f"run directory {str(run_dir)!r} exists and is not a directory")
     _check_writable(run_dir)
+    RunLock.check_free(run_dir)
     _check_logger(config.logger)
     checkpoint = run_dir / CHECKPOINT
     payload = None
@@ -541,21 +626,136 @@ def _check_writable(path: Path) -> None:
 
 
 @contextlib.contextmanager
-def _deferred_sigint() -> Iterator[Callable[[], bool]]:
-    """While active, a first SIGINT only sets a flag (read with the yielded function); a second
-    one raises ``KeyboardInterrupt`` as usual. Outside the main thread it does nothing."""
-    flag = threading.Event()
+def _deferred_signals() -> Iterator[Callable[[], int]]:
+    """While active, a first SIGINT or SIGTERM only records its number (read with the yielded
+    function; 0 until then); a second one raises ``KeyboardInterrupt`` (SIGINT) or
+    :class:`Terminated` (SIGTERM) at once. Outside the main thread it does nothing."""
+    received = [0]
     if threading.current_thread() is not threading.main_thread():
-        yield flag.is_set
+        yield lambda: received[0]
         return
 
     def handler(signum: int, frame: Any) -> None:
-        if flag.is_set():
-            raise KeyboardInterrupt
-        flag.set()
+        if received[0]:
+            raise KeyboardInterrupt if signum == signal.SIGINT else Terminated
+        received[0] = signum
 
-    previous = signal.signal(signal.SIGINT, handler)
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        yield flag.is_set
+        yield lambda: received[0]
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for sig, action in previous.items():
+            signal.signal(sig, action)
+
+
+class RunLock:
+    """An exclusive lock on a run directory, held by this process while it runs there.
+
+    ``fcntl.flock`` on the directory itself (no lock file is created): the operating system
+    drops it when the process ends in any way, ``kill -9`` included, so a stale lock cannot
+    outlive its run. A run directory of this process taken again (a test's second run in one
+    interpreter) passes the lock on to the new holder.
+    """
+
+    _held: ClassVar[dict[str, RunLock]] = {}
+
+    def __init__(self, path: Path, fd: int) -> None:
+        self.path, self._fd = path, fd
+
+    @classmethod
+    def take(cls, path: Path) -> RunLock:
+        """Locks ``path`` (an existing directory).
+
+        Raises:
+            RunError: if another process holds it.
+        """
+        key = os.path.realpath(path)
+        if (mine := cls._held.get(key)) is not None:
+            mine.release()
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as err:
+            os.close(fd)
+            if err.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
+                raise
+            raise RunError(
+                f"run directory {str(path)!r} is in use by another process (a run of it is "
+                "still going): wait for it to end or stop it first"
+            ) from None
+        cls._held[key] = lock = cls(path, fd)
+        return lock
+
+    @classmethod
+    def check_free(cls, path: Path) -> None:
+        """Raises :class:`RunError` if another process holds ``path``'s lock (not taking it)."""
+        if path.is_dir() and os.path.realpath(path) not in cls._held:
+            cls.take(path).release()
+
+    def release(self) -> None:
+        """Releases the lock (idempotent)."""
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+            key = os.path.realpath(self.path)
+            if self._held.get(key) is self:
+                del self._held[key]
+
+    @classmethod
+    def _drop_in_child(cls) -> None:
+        """In a forked child (a collector worker), closes the inherited descriptors: the lock
+        stays the parent's alone, so it ends with the run even if a worker outlives it."""
+        for lock in cls._held.values():
+            if lock._fd is not None:
+                os.close(lock._fd)
+                lock._fd = None
+        cls._held.clear()
+
+
+os.register_at_fork(after_in_child=RunLock._drop_in_child)
+
+
+def _check_free_space(directory: Path, needed: int) -> None:
+    """Raises ``OSError(ENOSPC)`` unless ``directory``'s filesystem has ``needed`` bytes free
+    for this user."""
+    stats = os.statvfs(directory)
+    free = stats.f_bavail * stats.f_frsize
+    if free < needed:
+        raise _SpaceShortage(errno.ENOSPC, f"{_mib(needed)} needed, {_mib(free)} free")
+
+
+class _SpaceShortage(OSError):
+    """The free-space check before a save (nothing was written)."""
+
+
+def _mib(size: int) -> str:
+    return f"{size / 2**20:.1f} MiB"
+
+
+def _no_space(err: BaseException) -> str:
+    """What ran out of space, if ``err`` (or an exception it wraps: torch's ``RuntimeError``
+    around a failed write) is a full disk (``ENOSPC``, ``EDQUOT``); else ``""``."""
+    seen: BaseException | None = err
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno in (errno.ENOSPC, errno.EDQUOT):
+            if isinstance(seen, _SpaceShortage):
+                return seen.strerror
+            return f"writing {seen.filename!r}" if seen.filename else "while writing"
+        if isinstance(seen, RuntimeError) and "No space left on device" in str(seen):
+            return "while writing"
+        seen = seen.__cause__ or seen.__context__
+    return ""
+
+
+def _stored_tensors(buffer: Any) -> list[torch.Tensor]:
+    """The tensors a tracked buffer's dump writes: its (TorchRL) storage's, whole capacity."""
+    replay = getattr(buffer, "buffer", buffer)  # DaggerDataset holds a replay buffer
+    stored = getattr(getattr(replay, "storage", None), "_storage", None)
+    if isinstance(stored, TensorDictBase):
+        return list(stored.values(include_nested=True, leaves_only=True))
+    return [stored] if isinstance(stored, torch.Tensor) else []
+
+
+def _disk_bytes(tensor: torch.Tensor, page: int = 4096) -> int:
+    """``tensor``'s bytes on disk as one file, rounded up to whole pages."""
+    return -(-tensor.numel() * tensor.element_size() // page) * page + page
