@@ -339,13 +339,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     from mop_torchrl.babyai.demos import DemoError
     from mop_torchrl.train.checkpoint import CheckpointError
-    from mop_torchrl.train.run import (
-        NonFiniteLossError,
-        RunError,
-        RunInterrupted,
-        Terminated,
-        raise_terminated,
-    )
+    from mop_torchrl.train.run import NonFiniteLossError, RunInterrupted
+    from mop_torchrl.train.run_folder import RunError
+    from mop_torchrl.train.signals import Terminated, raise_terminated
 
     signal.signal(signal.SIGTERM, raise_terminated)
     try:

@@ -25,7 +25,8 @@ from mop_torchrl.train import TrainConfig
 from mop_torchrl.train import run as run_module
 from mop_torchrl.train.checkpoint import load_checkpoint, save_checkpoint
 from mop_torchrl.train.policy import build_policy
-from mop_torchrl.train.run import DiskFullError, Run, RunError, RunLock
+from mop_torchrl.train.run import Run
+from mop_torchrl.train.run_folder import DiskFullError, RunError, RunLock
 
 
 def cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
@@ -95,7 +96,7 @@ def test_lock_is_per_process_and_released_with_the_loop(tiny_config):
     """Another process (a child here) is refused while a run holds its folder; the loop's end
     releases it; in one interpreter a folder taken again passes the lock on."""
     take = (
-        "import sys, time; from pathlib import Path; from mop_torchrl.train.run import RunLock\n"
+        "import sys, time; from pathlib import Path; from mop_torchrl.train.run_folder import RunLock\n"
         "try: RunLock.take(Path(sys.argv[1]))\n"
         "except Exception as err: print(type(err).__name__, err); sys.exit(3)\n"
         "print('locked', flush=True); time.sleep(float(sys.argv[2]))"
@@ -178,7 +179,7 @@ def test_checkpoint_write_on_a_full_disk_names_the_cause(tiny_config, small_disk
             assert raw.value.errno == errno.ENOSPC
             with pytest.raises(DiskFullError, match=r"\d+\.\d MiB needed, 0\.0 MiB free"):
                 run.save(2, modules, optimizer)  # the estimate refuses first
-        monkeypatch.setattr(run_module, "_check_free_space", lambda *args: None)
+        monkeypatch.setattr(run_module, "check_free_space", lambda *args: None)
         with pytest.raises(DiskFullError) as err:
             run.save(2, modules, optimizer)
         message = str(err.value)

@@ -19,7 +19,7 @@ from mop_torchrl.babyai.wrappers import LevelMixture
 from mop_torchrl.train import TrainConfig, train
 from mop_torchrl.train.evaluate import evaluate
 from mop_torchrl.train.policy import load_actor
-from mop_torchrl.train.run import RunError
+from mop_torchrl.train.run_folder import RunError
 
 LEVELS = ["BabyAI-GoToRedBall-v0", "BabyAI-GoToLocal-v0"]
 

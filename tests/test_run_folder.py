@@ -33,7 +33,7 @@ from mop_torchrl.train.checkpoint import (
     verify_dump,
 )
 from mop_torchrl.train.dagger import DaggerDataset, DumpError, check_dump
-from mop_torchrl.train.run import RunError, check_deletable
+from mop_torchrl.train.run_folder import RunError, check_deletable
 
 SCRIPT = str(Path(sys.executable).parent / "mop-torchrl")
 DUMP = "buffers/dagger-00000002"
@@ -344,7 +344,7 @@ def test_a_moved_run_folder_still_resumes(run, tmp_path, monkeypatch):
     """run_dir/run_name are where the run lives, not settings: a copied folder validates, and
     ``--resume .`` names the directory itself (not the default run name)."""
     from mop_torchrl.train import resume_config
-    from mop_torchrl.train.run import validate_start
+    from mop_torchrl.train.run_folder import validate_start
 
     moved = Path(shutil.copytree(run, tmp_path / "moved" / "renamed"))
     config = resume_config(moved, {"num_updates": 3})

@@ -11,7 +11,8 @@ from mop_torchrl.train import load_config, resume, train
 from mop_torchrl.train.checkpoint import CheckpointError, load_checkpoint
 from mop_torchrl.train.evaluate import evaluate_checkpoint
 from mop_torchrl.train.losses import ImitationLoss
-from mop_torchrl.train.run import NonFiniteLossError, RunError
+from mop_torchrl.train.run import NonFiniteLossError
+from mop_torchrl.train.run_folder import RunError
 
 
 def params(run_dir):

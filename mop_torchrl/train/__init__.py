@@ -18,7 +18,7 @@ def train(config: TrainConfig, resume: bool = False, overwrite: bool = False) ->
 
     ``resume=True`` continues the run directory's checkpoint (or starts it if there is none);
     ``overwrite=True`` deletes an existing run of the same name first. Everything is checked
-    before the disk is touched (:func:`~mop_torchrl.train.run.validate_start`).
+    before the disk is touched (:func:`~mop_torchrl.train.run_folder.validate_start`).
 
     Examples:
         >>> config = TrainConfig.from_dict({"task_id": "GoToLocal", "mop_layers": "0,8;8,16"})
@@ -29,7 +29,7 @@ def train(config: TrainConfig, resume: bool = False, overwrite: bool = False) ->
     """
     torch.set_num_threads(config.torch_threads)
     if overwrite:
-        from mop_torchrl.train.run import remove_run, validate_start
+        from mop_torchrl.train.run_folder import remove_run, validate_start
 
         validate_start(config, resume, overwrite=True)
         if Path(config.run_dir, config.name).exists():
