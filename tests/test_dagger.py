@@ -113,8 +113,17 @@ def _cli(*args: str) -> None:
 
 @pytest.mark.subprocess
 @pytest.mark.slow
-def test_resume_with_a_non_empty_buffer_is_exact_in_a_fresh_process(tmp_path):
-    flags = [f"--{k}={v}" for k, v in TINY.items()] + [f"--run_dir={tmp_path}"]
+@pytest.mark.parametrize(
+    "extra",
+    [
+        [],  # collection overlapped (the default)
+        ["--student_action=sample", "--dagger_beta=0.5"],
+        ["--collection=sync"],
+    ],
+    ids=["overlap", "overlap-sample-beta", "sync"],
+)
+def test_resume_with_a_non_empty_buffer_is_exact_in_a_fresh_process(tmp_path, extra):
+    flags = [f"--{k}={v}" for k, v in TINY.items()] + [f"--run_dir={tmp_path}", *extra]
     _cli(*flags, "--num_updates=4", "--run_name=straight")
     _cli(*flags, "--num_updates=2", "--run_name=resumed")
     saved = load_checkpoint(tmp_path / "resumed" / "checkpoint.pt")

@@ -26,6 +26,18 @@ the worker by ``auto_register_policy_transforms``) and their own bots label thei
 Workers build the policy with :func:`policy_factory` (the config's architecture); the learner's
 weights are pushed through TorchRL's weight-sync schemes when a segment starts and after every
 optimizer update, before the next batch is requested (:func:`push_weights`).
+
+Overlapped collection (``config.overlap``, imitation with the ``inprocess`` or ``multiprocess``
+backend): the collector above runs in one long-lived worker process (:class:`CollectorWorker`)
+instead of the learner's, and batch ``k + 1`` is requested, with the learner's weights of that
+moment, *before* the learner trains on batch ``k``. So batch ``k + 1`` is collected with the
+weights after update ``k - 1`` (a one-batch lag) while the learner runs update ``k``; the first
+batch of each segment is requested after the previous update, with the current weights (the lag
+resets at checkpoint boundaries, which is what keeps a fresh-process ``--resume`` exact). The
+worker loads the weights it is sent (and DAgger's β, a buffer of
+:class:`~mop_torchrl.train.dagger.BotMixer`) before each batch and re-seeds torch from ``(seed,
+update, "collect")``, so its randomness does not depend on the learner's history. No weights
+are ever applied while a batch is being collected.
 """
 
 from __future__ import annotations
@@ -33,10 +45,12 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+import multiprocessing
 import os
 import signal
 import socket
 import threading
+import traceback
 from collections.abc import Callable, Iterator, Sequence
 
 import torch
@@ -47,10 +61,12 @@ from torchrl.collectors import BaseCollector, Collector, MultiSyncCollector
 from torchrl.envs import EnvBase
 
 from mop_torchrl.babyai.envs import keep_num_threads, make_babyai_env, worker_seeds
+from mop_torchrl.train.checkpoint import seed_everything
 from mop_torchrl.train.config import TrainConfig
 
 __all__ = [
     "SLURM_ENV_VAR",
+    "CollectorWorker",
     "env_factories",
     "env_factory",
     "make_collector",
@@ -104,7 +120,7 @@ def env_factories(config: TrainConfig, expert: bool, seed: int) -> list[Callable
 
 
 def _build_actor(config: TrainConfig) -> nn.Module:
-    torch.set_num_threads(config.torch_threads)
+    torch.set_num_threads(config.collector_threads)
     from mop_torchrl.train.policy import build_policy
 
     return build_policy(config)[0].eval()
@@ -172,8 +188,8 @@ def make_collector(
             cat_results="stack",
             auto_register_policy_transforms=True,
             weight_sync_schemes={"policy": MultiProcessWeightSyncScheme()},
-            num_threads=config.torch_threads,
-            num_sub_threads=config.torch_threads,
+            num_threads=config.collector_threads,
+            num_sub_threads=config.collector_threads,
         )
     worker_kwargs = {"auto_register_policy_transforms": True}
     if config.backend == "distributed":
@@ -265,8 +281,36 @@ def segment_batches(
 
     With a multi-worker backend, the learner's weights are pushed to the workers when each
     segment's collector starts and after each update (when the loop asks for the next batch,
-    i.e. after its optimizer step).
+    i.e. after its optimizer step). With :func:`overlaps` true the batches come from a
+    :class:`CollectorWorker`, one batch ahead (see the module's docstring).
     """
+    if overlaps(config):
+        return _overlapped_batches(actor, config, start, expert, salt)
+    return _segment_batches(actor, config, start, expert, salt)
+
+
+def overlaps(config: TrainConfig) -> bool:
+    """Whether ``config``'s collection runs one batch ahead in a :class:`CollectorWorker`."""
+    return (
+        config.collection == "overlap"
+        and config.algo == "imitation"
+        and config.backend in _OVERLAP_BACKENDS
+    )
+
+
+_OVERLAP_BACKENDS = ("inprocess", "multiprocess")
+
+
+def _segment_batches(
+    actor: nn.Module,
+    config: TrainConfig,
+    start: int,
+    expert: bool,
+    salt: int = 0,
+    before_batch: Callable[[int], None] | None = None,
+) -> Iterator[tuple[int, TensorDictBase]]:
+    """:func:`segment_batches` without overlap; ``before_batch(update)`` runs before each
+    batch is requested (the overlap worker loads that batch's weights there)."""
     frames = config.num_envs * config.unroll_len
     greedy = config.algo == "imitation" and config.student_action == "greedy"
     exploration = InteractionType.DETERMINISTIC if greedy else InteractionType.RANDOM
@@ -286,6 +330,8 @@ def segment_batches(
             try:
                 batches = iter(collector)
                 while update < end:
+                    if before_batch is not None:
+                        before_batch(update)
                     push_weights(collector, actor, config)
                     # Workers may start lazily (ParallelEnv: at the first reset).
                     first = update == start or update % config.checkpoint_interval == 0
@@ -327,6 +373,153 @@ def workers_ignore_signals() -> Iterator[None]:
         yield
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+def _overlapped_batches(
+    student: nn.Module, config: TrainConfig, start: int, expert: bool, salt: int
+) -> Iterator[tuple[int, TensorDictBase]]:
+    """Batches from a :class:`CollectorWorker`, each requested one update ahead.
+
+    Batch ``k + 1`` is requested (with the weights of that moment: after update ``k - 1``)
+    before batch ``k`` is handed to the loop; a segment's first batch is requested only when
+    the loop asks for it (after the previous update: the current weights).
+    """
+    with workers_ignore_signals():
+        worker = CollectorWorker(config, expert, salt)
+    try:
+        update = start
+        worker.request(update, student)
+        while update < config.num_updates:
+            data = worker.receive(update)
+            ahead = update + 1 < config.num_updates and (update + 1) % config.checkpoint_interval
+            if ahead:
+                worker.request(update + 1, student)
+            yield update, data
+            update += 1
+            if not ahead and update < config.num_updates:
+                worker.request(update, student)  # a segment starts: the current weights
+    finally:
+        worker.close()
+
+
+class CollectorWorker:
+    """A process that collects batches with this module's collectors, one request at a time.
+
+    :meth:`request` sends the batch's update index and a copy of ``student``'s weights (params
+    and buffers) and returns at once; :meth:`receive` waits for that batch. In the worker, each
+    request loads the weights into its own copy of the collection policy (the config's actor,
+    followed by a :class:`~mop_torchrl.train.dagger.BotMixer` when ``dagger_beta > 0``),
+    re-seeds torch from ``(seed, update, "collect")`` and collects with the collector of the
+    update's segment (built fresh, from the segment's env seeds, when a segment starts; the
+    ``inprocess`` backend's :class:`~torchrl.collectors.Collector` in the worker, or the
+    ``multiprocess`` backend's workers under it). The worker ignores SIGINT (the learner
+    decides when to stop) and exits when the learner's end of the pipe closes.
+    """
+
+    def __init__(self, config: TrainConfig, expert: bool, salt: int = 0) -> None:
+        # spawn, not fork: a forked child of a learner whose OpenMP pool has run deadlocks in
+        # its first parallel region (libgomp is not fork-safe; seen here). Importing torch and
+        # torchrl again costs a few seconds, once per run, while the learner sets up.
+        ctx = multiprocessing.get_context("spawn")
+        self._conn, child = ctx.Pipe()
+        self._process = ctx.Process(
+            target=_worker_main,
+            args=(child, config.to_dict(), expert, salt),
+            name="mop-collector",
+            daemon=False,  # the multiprocess backend starts its own workers from it
+        )
+        self._process.start()
+        child.close()
+        self._pending: int | None = None
+
+    def request(self, update: int, student: nn.Module) -> None:
+        """Asks for batch ``update``, collected with ``student``'s weights as they are now."""
+        if self._pending is not None:
+            raise RuntimeError(f"batch {self._pending} was requested and not received yet")
+        # A copy: torch shares a sent tensor's storage with the receiver, and the learner's own
+        # parameters must not change under the worker's feet.
+        weights = TensorDict.from_module(student).data.clone()
+        self._conn.send(("batch", update, weights))
+        self._pending = update
+
+    def receive(self, update: int) -> TensorDictBase:
+        """Waits for batch ``update`` (requested before) and returns it, ``[num_envs, T]``."""
+        if self._pending != update:
+            raise RuntimeError(f"batch {update} was not requested (pending: {self._pending})")
+        try:
+            kind, payload = self._conn.recv()
+        except EOFError:
+            code = self._process.exitcode
+            raise RuntimeError(f"the collector worker died (exit code {code})") from None
+        self._pending = None
+        if kind == "error":
+            raise RuntimeError(f"the collector worker failed:\n{payload}")
+        return payload
+
+    def close(self) -> None:
+        """Stops the worker (after the batch in flight, if any) and waits for it."""
+        if self._process.is_alive():
+            with contextlib.suppress(BrokenPipeError, OSError):  # it died: join() reaps it
+                self._conn.send(("close", None, None))
+        self._process.join(timeout=60)
+        if self._process.is_alive():
+            self._process.kill()
+            self._process.join()
+        self._conn.close()
+
+
+def _collection_policy(config: TrainConfig) -> nn.Module:
+    """The worker's copy of the learner's collection policy (actor, then β mixing if any)."""
+    from tensordict.nn import TensorDictSequential
+
+    from mop_torchrl.train.dagger import BotMixer
+    from mop_torchrl.train.policy import build_policy
+
+    actor = build_policy(config)[0].eval()
+    return TensorDictSequential(actor, BotMixer()) if config.dagger_beta > 0 else actor
+
+
+def _worker_main(conn, config_dict: dict, expert: bool, salt: int) -> None:
+    """:class:`CollectorWorker`'s process: answers ``("batch", update, weights)`` requests."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    config = TrainConfig.from_dict(config_dict)
+    torch.set_num_threads(config.collector_threads)
+    weights: dict[str, TensorDictBase] = {}
+    batches: Iterator[tuple[int, TensorDictBase]] | None = None
+    policy: nn.Module | None = None
+    expected = -1
+
+    def load(update: int) -> None:
+        torch.set_num_threads(config.collector_threads)  # torchrl raises it on env close
+        TensorDict.from_module(policy).data.update_(weights.pop("next"))
+        seed_everything(config.seed, update, "collect")
+
+    try:
+        while True:
+            try:
+                kind, update, sent = conn.recv()
+            except EOFError:
+                return
+            if kind == "close":
+                return
+            try:
+                weights["next"] = sent
+                if batches is None or update != expected:
+                    if batches is not None:
+                        batches.close()
+                    policy = _collection_policy(config)
+                    batches = _segment_batches(policy, config, update, expert, salt, load)
+                got, data = next(batches)
+                assert got == update, (got, update)
+                expected = update + 1
+                conn.send(("batch", data.clone()))
+            except Exception:
+                conn.send(("error", traceback.format_exc()))
+                return
+    finally:
+        if batches is not None:
+            batches.close()
+        conn.close()
 
 
 def _as_env_rows(data: TensorDictBase, config: TrainConfig) -> TensorDictBase:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import typing
 from collections.abc import Mapping
 from pathlib import Path
@@ -45,6 +46,7 @@ __all__ = [
     "RESUMABLE_CHANGES",
     "TrainConfig",
     "add_config_arguments",
+    "auto_threads",
     "load_config",
 ]
 
@@ -86,9 +88,10 @@ class TrainConfig:
     seed: int = setting(0, "Seed for torch, the envs and the samplers.")
     device: str = setting("cpu", "Device of the policy and the losses.")
     torch_threads: int = setting(
-        1,
-        "torch intra-op threads. 1 by default: on a small machine the env and bot share the "
-        "cores, and OpenMP spin-waiting made 2 threads 7x slower than 1 under that load.",
+        0,
+        "torch intra-op threads of the learner; 0: from the machine's cores (auto_threads: 1 "
+        "when envs step in the learner's process, else the cores the collector processes leave, "
+        "at most 4). The resolved number is saved with the run.",
     )
     num_envs: int = setting(16, "Environments stepped together.")
     env_batching: Literal["serial", "parallel"] = setting(
@@ -107,6 +110,15 @@ class TrainConfig:
     )
     num_workers: int = setting(
         1, "Collector workers of the multi-worker backends, num_envs // num_workers envs each."
+    )
+    collection: Literal["overlap", "sync"] = setting(
+        "overlap",
+        "imitation with backend inprocess/multiprocess: overlap: a worker process collects the "
+        "next batch while the learner trains on this one (the student that acts is one update "
+        "behind: batch k+1 uses the weights after update k-1); sync: collect, then train.",
+    )
+    collector_threads: int = setting(
+        1, "torch intra-op threads of each collector process (overlap and multiprocess workers)."
     )
     distributed_launcher: Literal["mp", "submitit"] = setting(
         "mp",
@@ -218,7 +230,11 @@ class TrainConfig:
         self._check_run_limits()
         positive = ["num_envs", "unroll_len", "num_updates", "log_interval", "checkpoint_interval"]
         positive += ["gru_hidden_size", "batch_slices", "ppo_epochs", "minibatches"]
-        positive += ["torch_threads", "num_workers", "updates_per_batch"]
+        positive += ["num_workers", "collector_threads", "updates_per_batch"]
+        if self.torch_threads < 0:
+            raise ConfigError("torch_threads", f"must be >= 0, got {self.torch_threads}")
+        if self.torch_threads == 0:
+            self.torch_threads = auto_threads(self)
         positive += ["lr", "max_grad_norm", "clip_epsilon", "epsilon"]
         for name in positive:
             if not getattr(self, name) > 0:
@@ -452,6 +468,28 @@ def _merged(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
         if name in base and name in overrides:
             out[name] = {**base[name], **overrides[name]}
     return out
+
+
+def auto_threads(config: TrainConfig, cores: int | None = None) -> int:
+    """The learner's torch threads on a machine with ``cores`` cores (default: this one's).
+
+    1 when the envs step in the learner's process (in-process collection without overlap:
+    env, bot and learner take turns, and spin-waiting OpenMP threads slowed the env down);
+    otherwise the cores left by the collector processes (``num_workers`` or the overlap
+    worker, ``collector_threads`` each), between 1 and 4 (the update's products are small:
+    16 x 32 slices).
+
+    Examples:
+        >>> config = TrainConfig(torch_threads=1)
+        >>> auto_threads(config, 2), auto_threads(config, 16)
+        (1, 4)
+    """
+    cores = cores or os.cpu_count() or 1
+    overlap = config.collection == "overlap" and config.algo == "imitation"
+    if config.backend == "inprocess" and not overlap:
+        return 1
+    processes = config.num_workers if config.backend == "multiprocess" else 1
+    return max(1, min(4, cores - processes * config.collector_threads))
 
 
 def load_config(
