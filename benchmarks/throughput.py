@@ -51,6 +51,7 @@ SHIPPED = Path(__file__).resolve().parents[1] / "configs" / "go_to_local_mop.yam
 
 def env_frames_per_s(config: TrainConfig, expert: bool, steps: int) -> float:
     """Random-action frames/s of the config's batched env (bot labels on with ``expert``)."""
+    torch.set_num_threads(1)
     env = make_babyai_env(config.task_id, num_envs=config.num_envs, seed=config.seed, expert=expert)
     try:
         env.rollout(4, break_when_any_done=False)  # warm-up
@@ -63,6 +64,9 @@ def env_frames_per_s(config: TrainConfig, expert: bool, steps: int) -> float:
 
 def collect_frames_per_s(config: TrainConfig, batches: int) -> dict[str, float]:
     """Greedy-policy collection frames/s with the config's backend (bot labels on)."""
+    # Closing a batched env raises torch's thread count (torchrl 0.14); with spin-waiting
+    # OpenMP threads on a busy machine the in-process collector then ran 20x slower.
+    torch.set_num_threads(config.collector_threads)
     torch.manual_seed(config.seed)
     actor = build_policy(config)[0].eval()
     frames = config.num_envs * config.unroll_len
