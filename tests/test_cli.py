@@ -11,13 +11,13 @@ import io
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
+from console import SCRIPT, assert_one_line_error, cli
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from tiny import tiny_flags, tiny_settings
@@ -28,23 +28,8 @@ from mop_torchrl.train import TrainConfig
 from mop_torchrl.train.checkpoint import load_checkpoint, save_checkpoint
 from mop_torchrl.train.policy import build_policy
 
-SCRIPT = str(Path(sys.executable).parent / "mop-torchrl")
 LEVEL = "GoToRedBall"
 TINY_FLAGS = tiny_flags()
-
-
-def cli(*args: str, timeout: float = 900) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [SCRIPT, *map(str, args)], capture_output=True, text=True, timeout=timeout
-    )
-
-
-def assert_one_line_error(result: subprocess.CompletedProcess, match: str, code: int = 1):
-    lines = result.stderr.strip().splitlines()
-    assert "Traceback" not in result.stderr, result.stderr
-    assert len(lines) == 1, result.stderr
-    assert result.returncode == code, (result.returncode, result.stderr)
-    assert lines[0].startswith("mop-torchrl ") and match in lines[0], lines[0]
 
 
 def saved_run(run_dir: Path, update: int, **overrides) -> TrainConfig:

@@ -18,7 +18,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_signals import QUIET, SCRIPT, end_session, logged_steps, start_run, wait_for_updates
+from console import QUIET, cli
+from test_signals import end_session, logged_steps, start_run, wait_for_updates
 from tiny import tiny_flags
 
 from mop_torchrl.train import TrainConfig
@@ -27,12 +28,6 @@ from mop_torchrl.train.checkpoint import load_checkpoint, save_checkpoint
 from mop_torchrl.train.policy import build_policy
 from mop_torchrl.train.run import Run
 from mop_torchrl.train.run_folder import DiskFullError, RunError, RunLock
-
-
-def cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [SCRIPT, *map(str, args)], capture_output=True, text=True, env=QUIET, timeout=timeout
-    )
 
 
 def one_line(result: subprocess.CompletedProcess, match: str, code: int = 1) -> str:
@@ -78,8 +73,17 @@ def test_a_run_folder_in_use_is_refused_and_freed_by_any_exit(tmp_path):
     proc = start_run(run_dir, "--checkpoint_interval=2")
     try:
         wait_for_updates(run_dir, proc, 3)  # past the checkpoint of update 2
-        one_line(cli("train", "--resume", run_dir), "is in use by another process")
-        new = cli("train", *tiny_flags(), "--overwrite", "--run_dir", tmp_path, "--run_name", "run")
+        one_line(cli("train", "--resume", run_dir, env=QUIET), "is in use by another process")
+        new = cli(
+            "train",
+            *tiny_flags(),
+            "--overwrite",
+            "--run_dir",
+            tmp_path,
+            "--run_name",
+            "run",
+            env=QUIET,
+        )
         one_line(new, "is in use by another process")
         assert proc.poll() is None and (run_dir / "config.yaml").is_file()
     finally:
@@ -87,7 +91,7 @@ def test_a_run_folder_in_use_is_refused_and_freed_by_any_exit(tmp_path):
         _, left = end_session(proc)
     assert not left, left
     saved = load_checkpoint(run_dir)["update"]
-    result = cli("train", "--resume", run_dir, f"--num_updates={saved + 1}")
+    result = cli("train", "--resume", run_dir, f"--num_updates={saved + 1}", env=QUIET)
     assert result.returncode == 0, result.stderr
     assert logged_steps(run_dir) == list(range(1, saved + 2))
 
@@ -150,7 +154,7 @@ def test_disk_full_during_a_run_stops_with_one_line_and_keeps_the_pair(small_dis
     assert [p.name for p in (run_dir / "buffers").iterdir()] == [f"dagger-{kept:08d}"]
     assert not list(run_dir.glob(".checkpoint.pt.*.tmp")) and not left
     filler.unlink()
-    result = cli("train", "--resume", run_dir, f"--num_updates={kept + 1}")
+    result = cli("train", "--resume", run_dir, f"--num_updates={kept + 1}", env=QUIET)
     assert result.returncode == 0, result.stderr  # the kept pair loads (its digests match)
     assert load_checkpoint(run_dir)["update"] == kept + 1
 

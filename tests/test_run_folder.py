@@ -14,13 +14,13 @@ import os
 import pickle
 import shutil
 import subprocess
-import sys
 import warnings
 from pathlib import Path
 from typing import ClassVar
 
 import pytest
 import torch
+from console import assert_one_line_error, cli
 from tensordict import TensorDict
 from tiny import tiny_flags, tiny_settings
 
@@ -35,22 +35,7 @@ from mop_torchrl.train.checkpoint import (
 from mop_torchrl.train.dagger import DaggerDataset, DumpError, check_dump
 from mop_torchrl.train.run_folder import RunError, check_deletable
 
-SCRIPT = str(Path(sys.executable).parent / "mop-torchrl")
 DUMP = "buffers/dagger-00000002"
-
-
-def cli(*args: object, cwd: Path | None = None, env: dict | None = None):
-    return subprocess.run(
-        [SCRIPT, *map(str, args)], capture_output=True, text=True, timeout=900, cwd=cwd, env=env
-    )
-
-
-def assert_one_line_error(result: subprocess.CompletedProcess, match: str, code: int = 1):
-    lines = result.stderr.strip().splitlines()
-    assert "Traceback" not in result.stderr, result.stderr
-    assert len(lines) == 1, result.stderr
-    assert result.returncode == code, (result.returncode, result.stderr)
-    assert lines[0].startswith("mop-torchrl ") and match in lines[0], lines[0]
 
 
 def snapshot(root: Path) -> dict[str, tuple[str, int]]:

@@ -13,19 +13,17 @@ import importlib.util
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
+from console import QUIET, SCRIPT
 from tiny import tiny_flags
 
 from mop_torchrl.train.checkpoint import load_checkpoint
 
 pytestmark = [pytest.mark.subprocess, pytest.mark.slow]
 
-SCRIPT = str(Path(sys.executable).parent / "mop-torchrl")
-QUIET = {**os.environ, "TQDM_DISABLE": "1"}  # no progress bar: stderr holds what is printed
 BACKENDS = {
     "inprocess": [],
     "parallel": ["--env_batching=parallel"],
