@@ -19,7 +19,6 @@ from mop_torchrl.babyai.wrappers import LevelMixture
 from mop_torchrl.train import TrainConfig, train
 from mop_torchrl.train.evaluate import evaluate
 from mop_torchrl.train.policy import load_actor
-from mop_torchrl.train.run_folder import RunError
 
 LEVELS = ["BabyAI-GoToRedBall-v0", "BabyAI-GoToLocal-v0"]
 
@@ -76,9 +75,10 @@ def test_batched_multilevel_env_carries_the_level_and_bot_labels():
     ],
 )
 def test_bad_levels_and_weights_are_refused_naming_the_problem(tmp_path, levels, weights, match):
-    config = TrainConfig(task_id=levels, level_weights=weights, run_dir=str(tmp_path))
-    with pytest.raises(RunError, match=match):
-        train(config)
+    # An unknown level is a RunError when the run starts; bad weights are a ConfigError as the
+    # config is built (both ValueErrors, exit codes 1 and 2): either way nothing is written.
+    with pytest.raises(ValueError, match=match):
+        train(TrainConfig(task_id=levels, level_weights=weights, run_dir=str(tmp_path)))
     assert not any(tmp_path.iterdir())
 
 
