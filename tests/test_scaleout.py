@@ -79,7 +79,16 @@ def assert_labels_from_own_bot(config, data, seed):
 @pytest.mark.slow
 def test_weights_reach_workers_and_states_stay_per_worker(backend):
     config = TrainConfig.from_dict(
-        {**TINY, "num_envs": 4, "backend": backend, "num_workers": 2, "num_updates": 3}
+        # sync: each batch follows the weights pushed just before it (overlapped collection's
+        # one-update lag is tested in test_overlap.py)
+        {
+            **TINY,
+            "num_envs": 4,
+            "backend": backend,
+            "num_workers": 2,
+            "num_updates": 3,
+            "collection": "sync",
+        }
     )
     actor = build_policy(config)[0].eval()
     core = next(m for m in actor.modules() if isinstance(m, MoPModule))
