@@ -4,8 +4,8 @@
 The gymnasium wrapper :class:`~mop_torchrl.babyai.wrappers.BabyAIObservation` turns the minigrid
 observation into fixed-size integer arrays, optionally labels every observation with the BabyAI
 bot's action, and puts episode metrics in the step ``info``. :func:`make_babyai_env` wraps it with
-:class:`~torchrl.envs.GymWrapper`, batches it (:class:`~torchrl.envs.ParallelEnv` or
-:class:`~torchrl.envs.SerialEnv`) and adds :class:`~torchrl.envs.InitTracker`,
+:class:`~torchrl.envs.GymWrapper`, batches it (:class:`~torchrl.envs.ParallelEnv`, or in process
+:class:`~mop_torchrl.babyai.batched.BabyAIBatchedEnv`) and adds :class:`~torchrl.envs.InitTracker`,
 :class:`~torchrl.envs.StepCounter` and :class:`~torchrl.envs.RewardSum`.
 
 Output keys (shapes per env; a batched env prepends ``[num_envs]``):
@@ -53,13 +53,13 @@ from torchrl.envs import (
     InitTracker,
     ParallelEnv,
     RewardSum,
-    SerialEnv,
     StepCounter,
     TransformedEnv,
     default_info_dict_reader,
 )
 from torchrl.modules.utils import get_primers_from_module
 
+from mop_torchrl.babyai.batched import BabyAIBatchedEnv
 from mop_torchrl.babyai.bot import DEFAULT_BOT_BUDGET
 from mop_torchrl.babyai.levels import NUM_ACTIONS, parse_level_weights, resolve_levels
 from mop_torchrl.babyai.wrappers import BabyAIObservation, LevelMixture, make_babyai_gym_env
@@ -119,39 +119,24 @@ def _info_spec(expert: bool, path_ratio: bool) -> Composite:
     return Composite(spec, shape=())
 
 
-def _make_torchrl_env(
-    level: str | list[str],
-    seed: int | None,
-    expert: bool,
-    path_ratio: bool,
-    bot_budget: int | None,
-    bot_time_limit: float | None,
-    quiet: bool,
-    device: str | torch.device | None,
-    level_weights: list[float] | None = None,
-) -> GymWrapper:
-    # Module-level so that functools.partial of it pickles into ParallelEnv workers.
-    genv = make_babyai_gym_env(
-        level,
-        seed=seed,
-        expert=expert,
-        path_ratio=path_ratio,
-        bot_budget=bot_budget,
-        bot_time_limit=bot_time_limit,
-        quiet=quiet,
-        level_weights=level_weights,
-    )
+def _gym_wrapper(genv: BabyAIObservation, device: str | torch.device | None) -> GymWrapper:
+    """TorchRL's wrapper of one BabyAI gymnasium env, with the label and info keys in its specs."""
     env = GymWrapper(genv, categorical_action_encoding=True, device=device)
-    if expert:
+    if genv.expert_enabled:
         # GymWrapper maps a scalar Box to shape (1,); the label must match the action's shape.
         obs_spec = env.observation_spec.clone()
         obs_spec["expert_action"] = Bounded(
             -1, NUM_ACTIONS - 1, shape=(), dtype=torch.int64, device=obs_spec.device
         )
         env.observation_spec = obs_spec
-    spec = _info_spec(expert, path_ratio)
+    spec = _info_spec(genv.expert_enabled, genv.path_ratio)
     env.set_info_dict_reader(default_info_dict_reader(list(spec.keys()), spec=spec))
     return env
+
+
+def _make_torchrl_env(device: str | torch.device | None, **gym_kwargs) -> GymWrapper:
+    # Module-level so that functools.partial of it pickles into ParallelEnv workers.
+    return _gym_wrapper(make_babyai_gym_env(**gym_kwargs), device)
 
 
 def make_babyai_env(
@@ -178,7 +163,8 @@ def make_babyai_env(
             ``"level"``, the level's index in this list.
         num_envs (int, optional): number of envs. ``1`` gives an unbatched env; more gives a
             :class:`~torchrl.envs.ParallelEnv` (``parallel=True``) or
-            :class:`~torchrl.envs.SerialEnv` of batch size ``[num_envs]``. Defaults to ``1``.
+            :class:`~mop_torchrl.babyai.batched.BabyAIBatchedEnv` of batch size ``[num_envs]``.
+            Defaults to ``1``.
         seed (int, optional): base seed; env ``i`` is seeded with ``worker_seeds(seed,
             num_envs)[i]`` at its first reset, and later resets continue its random stream.
             ``env.set_seed`` still works on top. Defaults to ``0``.
@@ -187,8 +173,9 @@ def make_babyai_env(
             ``"bot_failures"``. Defaults to ``False``.
         device (torch.device, optional): device of the output tensordicts. Defaults to CPU.
         parallel (bool, optional): for ``num_envs > 1``, ``ParallelEnv`` (one process per env)
-            if ``True``, else ``SerialEnv`` (all in this process). On a 2-core machine
-            ``SerialEnv`` is faster; see ``benchmarks/bench_env.py``. Defaults to ``True``.
+            if ``True``, else ``BabyAIBatchedEnv`` (all in this process, the data of
+            ``SerialEnv`` at a fraction of its overhead). On a 2-core machine the in-process
+            env is faster; see ``benchmarks/bench_env.py``. Defaults to ``True``.
         path_ratio (bool, optional): add ``"bot_solution_length"``, the bot's episode length
             from each episode's start (one extra bot rollout per reset). Defaults to ``False``.
         bot_budget (int, optional): subgoal-loop iterations allowed per bot replan; ``None``
@@ -224,10 +211,8 @@ def make_babyai_env(
         raise ValueError(f"num_envs must be >= 1, got {num_envs}")
     levels = resolve_levels(level)
     weights = parse_level_weights(level_weights, len(levels))
-    seeds = worker_seeds(seed, num_envs)
-    factories = [
-        functools.partial(
-            _make_torchrl_env,
+    gym_kwargs = [
+        dict(
             level=levels if len(levels) > 1 else levels[0],
             seed=s,
             expert=expert,
@@ -235,17 +220,18 @@ def make_babyai_env(
             bot_budget=bot_budget,
             bot_time_limit=bot_time_limit,
             quiet=quiet,
-            device=None if num_envs > 1 else device,
             level_weights=weights if len(levels) > 1 else None,
         )
-        for s in seeds
+        for s in worker_seeds(seed, num_envs)
     ]
     if num_envs == 1:
-        base: EnvBase = factories[0]()
+        base: EnvBase = _make_torchrl_env(device, **gym_kwargs[0])
     elif parallel:
+        factories = [functools.partial(_make_torchrl_env, None, **kw) for kw in gym_kwargs]
         base = ParallelEnv(num_envs, factories, device=device, mp_start_method=mp_start_method)
     else:
-        base = SerialEnv(num_envs, factories, device=device)
+        genvs = [make_babyai_gym_env(**kw) for kw in gym_kwargs]
+        base = BabyAIBatchedEnv(genvs, _gym_wrapper(genvs[0], None), device=device)
     env = TransformedEnv(base, Compose(InitTracker(), StepCounter(), RewardSum()))
     if policy is not None:
         primers = get_primers_from_module(policy, warn=False)
