@@ -220,3 +220,33 @@ def test_bot_exceptions_reach_the_env_metrics_apart_from_failures(monkeypatch):
     assert obs["expert_action"] >= 0 and info["bot_errors"] == 1
     env.reset()
     assert env.step(0)[-1]["bot_errors"] == 0  # counted per episode
+
+
+@pytest.mark.parametrize("level", ["PutNextLocal", "GoToLocal,PickupLoc"])
+def test_view_memo_changes_no_observation_or_label(level: str) -> None:
+    """The memoised agent view (computed once per step for the observation and the bot) gives
+    the observations, labels and bot solution lengths of minigrid's own ``gen_obs_grid``."""
+
+    def episodes(memo: bool) -> list:
+        env = make_babyai_gym_env(level, seed=2, expert=True, path_ratio=True)
+        if not memo:
+            for level_env in getattr(env.env, "envs", [env.env]):
+                del level_env.unwrapped.gen_obs_grid
+        rng = np.random.default_rng(0)
+        obs, info = env.reset()
+        seen = [(obs["image"].copy(), int(obs["expert_action"]), int(info["bot_solution_length"]))]
+        for _ in range(150):  # the bot's action, or a random one 30% of the time
+            action = int(obs["expert_action"])
+            if action < 0 or rng.random() < 0.3:
+                action = int(rng.integers(0, 6))
+            obs, _, terminated, truncated, info = env.step(action)
+            seen.append((obs["image"].copy(), int(obs["expert_action"]), int(obs["carrying"])))
+            if terminated or truncated:
+                obs, info = env.reset()
+                seen.append((obs["image"].copy(), int(info["bot_solution_length"])))
+        return seen
+
+    with_memo, plain = episodes(True), episodes(False)
+    assert len(with_memo) == len(plain)
+    for got, want in zip(with_memo, plain, strict=True):
+        assert np.array_equal(got[0], want[0]) and got[1:] == want[1:]

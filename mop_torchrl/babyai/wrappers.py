@@ -36,6 +36,43 @@ from mop_torchrl.babyai.tokenizer import MissionTokenizer
 __all__ = ["BabyAIObservation", "LevelMixture", "make_babyai_gym_env"]
 
 
+class _ObsGridMemo:
+    """``MiniGridEnv.gen_obs_grid`` computed once per env state.
+
+    On every step minigrid computes the agent's view for the observation, and the bot computes
+    it again to update its map: measured on GoToLocal, about a quarter of the env + bot time.
+    The view depends on the grid, the agent's position, direction and carried object, and the
+    grid changes only inside ``step`` (which counts ``step_count`` up first) or by ``reset``
+    (a new grid object). A deep copy of the env (the bot's path-ratio rollout) copies the memo
+    with it, bound to the copy.
+    """
+
+    def __init__(self, env: gym.Env) -> None:
+        self.env = env
+        self.grid = self.carrying = self.state = self.value = None
+
+    def __call__(self, agent_view_size: int | None = None) -> Any:
+        env = self.env
+        if agent_view_size is not None:
+            return type(env).gen_obs_grid(env, agent_view_size)
+        state = (env.step_count, int(env.agent_pos[0]), int(env.agent_pos[1]), env.agent_dir)
+        if (
+            self.value is None
+            or env.grid is not self.grid
+            or env.carrying is not self.carrying
+            or state != self.state
+        ):
+            self.value = type(env).gen_obs_grid(env)
+            self.grid, self.carrying, self.state = env.grid, env.carrying, state
+        return self.value
+
+
+def _memoise_obs_grid(env: gym.Env) -> None:
+    for level_env in getattr(env, "envs", [env]):  # a LevelMixture holds one env per level
+        unwrapped = level_env.unwrapped
+        unwrapped.gen_obs_grid = _ObsGridMemo(unwrapped)
+
+
 class LevelMixture(gym.Wrapper):
     """Several BabyAI levels behind one gymnasium env: each reset draws the episode's level.
 
@@ -139,6 +176,7 @@ class BabyAIObservation(gym.Wrapper):
         quiet: bool = True,
     ) -> None:
         super().__init__(env)
+        _memoise_obs_grid(env)
         self.tokenizer = tokenizer if tokenizer is not None else MissionTokenizer()
         self.expert_enabled = expert
         self.path_ratio = path_ratio
