@@ -154,3 +154,18 @@ def test_state_dict_names_are_those_of_checkpoints_written_before_the_parts_were
         assert core_key in names and names[-1] == "module.0.module.2.module.bias"
         assert critic_names[0] == "module.0.module.cell_embedding.weight"
         assert critic_names[-1] == "module.2.module.bias"
+
+
+def test_cell_embedding_as_multi_hot_product_equals_the_lookup_sum():
+    from mop_torchrl.babyai.policy import ObservationEncoder
+
+    torch.manual_seed(0)
+    encoder = ObservationEncoder().double()
+    image = torch.stack([torch.randint(0, n, (64, 7, 7)) for n in (11, 6, 3)], -1)
+    weight = encoder.cell_embedding.weight
+    lookup = encoder.cell_embedding(image + encoder.attribute_offset).sum(-2)
+    product = encoder._embed_cells(image)
+    torch.testing.assert_close(product, lookup, rtol=0, atol=1e-12)
+    grad_lookup = torch.autograd.grad(lookup.square().sum(), weight)[0]
+    grad_product = torch.autograd.grad(product.square().sum(), weight)[0]
+    torch.testing.assert_close(grad_product, grad_lookup, rtol=0, atol=1e-9)

@@ -156,6 +156,15 @@ class ObservationEncoder(nn.Module):
         elif not in_range:
             raise ValueError(message)
 
+    def _embed_cells(self, image: torch.Tensor) -> torch.Tensor:
+        """Sum of each cell's three attribute embeddings, ``[N, 7, 7, C]``, as a multi-hot
+        product: the same sum as ``embedding(...).sum(-2)``, but the lookup's backward (a
+        sort over every cell) took a tenth of a training update."""
+        weight = self.cell_embedding.weight
+        index = (image + self.attribute_offset).reshape(-1, len(_ATTRIBUTE_SIZES))
+        multi_hot = weight.new_zeros(index.shape[0], weight.shape[0]).scatter(1, index, 1.0)
+        return (multi_hot @ weight).view(*image.shape[:-1], -1)
+
     def forward(
         self,
         image: torch.Tensor,
@@ -166,8 +175,7 @@ class ObservationEncoder(nn.Module):
         batch = image.shape[:-3]
         image = image.reshape(-1, *image.shape[-3:]).long()
         self._check_cells(image)
-        cells = self.cell_embedding(image + self.attribute_offset).sum(-2)  # [N, 7, 7, C]
-        x = F.relu(self.stem(cells.permute(0, 3, 1, 2)))
+        x = F.relu(self.stem(self._embed_cells(image).permute(0, 3, 1, 2)))
         instr = self.encode_missions(mission.reshape(-1, mission.shape[-1]))
         for film in self.films:
             x = film(x, instr)
