@@ -5,7 +5,7 @@ user drops into their own pipeline in place of ``GRUModule``.
 """
 
 from mop_torchrl.core.config import PRESETS, MoPConfig, format_layers, parse_layers
-from mop_torchrl.core.model import MoPCore, routing_cost_loss
+from mop_torchrl.core.model import MoPCore, grouped_routing_cost_loss, routing_cost_loss
 from mop_torchrl.core.module import MoPModule
 
 __all__ = [
@@ -14,6 +14,7 @@ __all__ = [
     "MoPCore",
     "MoPModule",
     "format_layers",
+    "grouped_routing_cost_loss",
     "parse_layers",
     "routing_cost_loss",
 ]

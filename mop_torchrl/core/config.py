@@ -24,6 +24,7 @@ from typing import Any, Literal
 
 __all__ = [
     "DEFAULT_ALPHA",
+    "DEFAULT_RL_ALPHA",
     "PRESETS",
     "ConfigError",
     "MoPConfig",
@@ -102,10 +103,22 @@ def format_layers(layers: Sequence[Sequence[int]]) -> str:
 
 
 DEFAULT_ALPHA = 1e-2
-"""The routing-cost weight ``α`` the package uses by default, in the units ``cost_norm=
-"block_max"`` gives the cost: the paper's pressure (α=1e-5 on raw costs whose largest expert
-costs 32² = 1024 per block) expressed in normalised units, 1e-5 × 1024 ≈ 1e-2. The training
-config and the examples take their default from here."""
+"""The routing-cost weight ``α`` the package uses by default for imitation (the scaled form
+``L + α·cost/(ε+L)`` on a cross-entropy), in the units ``cost_norm="block_max"`` gives the
+cost: the paper's pressure (α=1e-5 on raw costs whose largest expert costs 32² = 1024 per
+block) expressed in normalised units, 1e-5 × 1024 ≈ 1e-2. With the cross-entropy near its floor
+(``L ≈ 0.35``) a unit of cost weighs ``α/(ε+L) ≈ 0.03``. The training config and the imitation
+example take their default from here."""
+
+DEFAULT_RL_ALPHA = 1e-2
+"""The routing-cost weight ``α`` for RL losses (PPO, DQN), in the **plain** form
+``L + α·cost`` (same units as :data:`DEFAULT_ALPHA`): a unit of cost weighs ``α``, about a third
+of what imitation gives it at its cross-entropy floor. An RL objective is not a positive
+performance measure (a PPO total was ≤ 0 in 5% of minibatches on masked CartPole), so the
+scaled form does not apply (``routing_cost_loss`` refuses a non-positive ``L``). On masked
+CartPole (5,120 frames, one seed) plain α=1e-2 kept every block's routing mixed and learnt as
+α=0 did, where the scaled form at α=1e-2 sent the routers to the identity expert and did not
+learn: measurements in docs/training.md. ``train --algo ppo`` and the RL examples use it."""
 
 
 def setting(default: Any, doc: str, **metadata: Any) -> Any:

@@ -30,7 +30,14 @@ from torch import nn
 from mop_torchrl.core.config import MoPConfig
 from mop_torchrl.core.fused import functorch_active, gru_cell, gru_recurrence
 
-__all__ = ["CoreOutput", "Expert", "MoPBlock", "MoPCore", "routing_cost_loss"]
+__all__ = [
+    "CoreOutput",
+    "Expert",
+    "MoPBlock",
+    "MoPCore",
+    "grouped_routing_cost_loss",
+    "routing_cost_loss",
+]
 
 Implementation = Literal["fused", "reference"]
 
@@ -326,18 +333,123 @@ def routing_cost_loss(
     ``scaled`` (the paper's): ``L + α·cost/(ε + L)``, the denominator not detached, so the cost
     weighs more once the task is learnt; ``plain``: ``L + α·cost``. ``cost`` is averaged.
 
+    The scaled form reads ``L`` as a measure of performance: it must be positive and finite (a
+    cross-entropy). An RL objective is not one (PPO's surrogate and entropy terms go negative,
+    and a total near ``-ε`` would blow the term up), so with ``α > 0`` a non-positive or
+    non-finite ``L`` is refused (a ``ValueError`` naming it; this reads ``L`` back to the host).
+    For an RL loss use ``plain`` (see ``DEFAULT_RL_ALPHA`` in :mod:`mop_torchrl.core.config`).
+    For several tasks in a batch, each with its own ``L``, see
+    :func:`grouped_routing_cost_loss`.
+
     Examples:
         >>> import torch
         >>> routing_cost_loss(torch.tensor(1.0), torch.tensor([2.0, 4.0]), alpha=0.5, epsilon=1.0)
         tensor(1.7500)
         >>> routing_cost_loss(torch.tensor(1.0), torch.tensor([2.0, 4.0]), alpha=0.5, mode="plain")
         tensor(2.5000)
+        >>> routing_cost_loss(torch.tensor(-0.2), torch.tensor([2.0]), alpha=0.5)
+        Traceback (most recent call last):
+        ...
+        ValueError: the scaled routing cost divides by the task loss, which must be positive and finite (a cross-entropy), got -0.2: use mode='plain' for an RL loss
     """
+    if mode not in ("scaled", "plain"):
+        raise ValueError(f"mode must be 'scaled' or 'plain', got {mode!r}")
     if alpha == 0:
         return task_loss
     mean_cost = cost.mean()
-    if mode == "scaled":
-        return task_loss + alpha * mean_cost / (epsilon + task_loss)
     if mode == "plain":
         return task_loss + alpha * mean_cost
-    raise ValueError(f"mode must be 'scaled' or 'plain', got {mode!r}")
+    _check_task_loss(task_loss.detach().reshape(1))
+    return task_loss + alpha * mean_cost / (epsilon + task_loss)
+
+
+def grouped_routing_cost_loss(
+    step_loss: torch.Tensor,
+    cost: torch.Tensor,
+    group: torch.Tensor,
+    valid: torch.Tensor,
+    weights: torch.Tensor,
+    alpha: float,
+    epsilon: float = 1e-2,
+    mode: Literal["scaled", "plain"] = "scaled",
+) -> torch.Tensor:
+    """The routing cost per group (task, level) of a batch: ``Σ_k w_k·[L_k + α·cost_k/(ε + L_k)]``.
+
+    The paper's code (``jackcook/mixture-of-pathways``) computes, for each task ``k`` present in
+    a batch, the task's own loss ``L_k`` and mean routing cost ``cost_k`` over its samples and
+    adds ``L_k + α·cost_k/(ε + L_k)`` (denominator not detached): a task already solved (small
+    ``L_k``) feels a strong pull towards cheap experts, a task still failing a weak one. One
+    ``L`` for a mixed batch (:func:`routing_cost_loss`) gives every task the same pull.
+
+    ``L_k`` and ``cost_k`` are means over group ``k``'s valid steps. A group with no valid step
+    in the batch contributes nothing (no NaN), and each group's term depends only on its own
+    steps, so a router's gradient from a step comes through that step's group alone. ``plain``
+    adds ``α·cost_k`` instead. ``weights`` are the ``w_k``: the paper sums the tasks unweighted
+    (all ones); the share of each group's valid steps in the batch (``n_k / N``) makes
+    ``Σ_k w_k L_k`` the batch's mean loss, so only the routing term changes (what
+    :class:`~mop_torchrl.train.losses.ImitationLoss` uses). As in :func:`routing_cost_loss`,
+    the scaled form refuses (``ValueError``) a present group's ``L_k`` that is not positive and
+    finite when ``α > 0``.
+
+    Args:
+        step_loss: the task loss of every step ``[*S]`` (e.g. a cross-entropy with
+            ``reduction="none"``); its value at invalid steps is ignored.
+        cost: the routing cost of every step ``[*S]``.
+        group: each step's group index, int64 ``[*S]`` in ``[0, K)``.
+        valid: bool ``[*S]``, the steps that count (labelled, not burn-in).
+        weights: ``w_k``, ``[K]``.
+        alpha, epsilon, mode: as for :func:`routing_cost_loss`.
+
+    Examples:
+        >>> import torch
+        >>> step_loss = torch.tensor([1.0, 3.0, 0.5, 9.0])
+        >>> cost = torch.tensor([2.0, 2.0, 4.0, 7.0])
+        >>> group = torch.tensor([0, 0, 1, 1])
+        >>> valid = torch.tensor([True, True, True, False])  # the 9.0 step does not count
+        >>> # group 0: L=2, cost=2 -> 2 + 0.5*2/(1+2); group 1: L=0.5, cost=4 -> 0.5 + 0.5*4/(1+0.5)
+        >>> grouped_routing_cost_loss(step_loss, cost, group, valid, torch.ones(2), 0.5, 1.0)
+        tensor(4.1667)
+        >>> shares = torch.tensor([2 / 3, 1 / 3])  # each group's share of the valid steps
+        >>> grouped_routing_cost_loss(step_loss, cost, group, valid, shares, 0.0)  # the mean loss
+        tensor(1.5000)
+        >>> grouped_routing_cost_loss(step_loss, cost, torch.zeros(4, dtype=torch.long), valid,
+        ...                           torch.ones(3), 0.5, 1.0)  # groups 1 and 2 absent
+        tensor(2.0333)
+    """
+    if mode not in ("scaled", "plain"):
+        raise ValueError(f"mode must be 'scaled' or 'plain', got {mode!r}")
+    num_groups = weights.shape[0]
+    group, valid = group.reshape(-1), valid.reshape(-1)
+    zero = step_loss.new_zeros(())
+    # where, not a product: a NaN or inf at an invalid step stays out of the sums and gradients
+    losses = torch.where(valid, step_loss.reshape(-1), zero)
+    costs = torch.where(valid, cost.reshape(-1), zero)
+    counts = step_loss.new_zeros(num_groups).index_add(0, group, valid.to(step_loss.dtype))
+    present = counts > 0
+    steps = counts.clamp(min=1)
+    group_loss = step_loss.new_zeros(num_groups).index_add(0, group, losses) / steps
+    group_cost = step_loss.new_zeros(num_groups).index_add(0, group, costs) / steps
+    if alpha == 0:
+        term = group_loss
+    elif mode == "plain":
+        term = group_loss + alpha * group_cost
+    else:
+        _check_task_loss(group_loss.detach(), present)
+        term = group_loss + alpha * group_cost / (epsilon + group_loss)
+    return torch.where(present, weights * term, zero).sum()
+
+
+def _check_task_loss(task_loss: torch.Tensor, present: torch.Tensor | None = None) -> None:
+    """Raises unless every (present) entry of ``task_loss`` is positive and finite (one host
+    read)."""
+    bad = ~((task_loss > 0) & torch.isfinite(task_loss))
+    if present is not None:
+        bad = bad & present
+    if bool(bad.any()):
+        index = int(bad.nonzero()[0, 0])
+        which = "" if present is None else f" of group {index}"
+        raise ValueError(
+            f"the scaled routing cost divides by the task loss{which}, which must be positive "
+            f"and finite (a cross-entropy), got {task_loss[index].item():g}: use mode='plain' "
+            "for an RL loss"
+        )
