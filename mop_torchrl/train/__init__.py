@@ -81,6 +81,6 @@ def resume_config(run_dir: str | Path, overrides: dict[str, Any] | None = None) 
             f"a resumed run keeps its config; {refused} cannot change "
             f"(only {sorted(RESUMABLE_CHANGES)} can)"
         )
-    config = load_config(run_dir / "config.yaml", overrides)
+    config = load_config(run_dir / "config.yaml", overrides, saved=True)
     config.run_dir, config.run_name = str(run_dir.parent), run_dir.name
     return config

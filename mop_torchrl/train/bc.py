@@ -3,6 +3,8 @@
 Sequences are sampled from the demo buffer with ``SliceSampler`` (each slice starts with
 ``is_init``, so the core starts it from a zero state) and the policy is trained in recurrent
 mode with the same loss as online imitation (:class:`~mop_torchrl.train.losses.ImitationLoss`).
+A demo directory holds one level, so the routing cost is in its batch form (``cost_scaling``
+resolves to ``batch``; the demos store no level index).
 """
 
 from __future__ import annotations
@@ -28,7 +30,12 @@ def train_bc(config: TrainConfig, resume: bool = False) -> Path:
     torch.manual_seed(config.seed)
     actor, critic = build_policy(config)
     loss_module = ImitationLoss(
-        actor, alpha=config.alpha, epsilon=config.epsilon, cost_mode=config.cost_mode
+        actor,
+        alpha=config.alpha,
+        epsilon=config.epsilon,
+        cost_mode=config.cost_mode,
+        cost_scaling=config.cost_scaling,
+        num_levels=len(config.levels),
     )
     optimizer = torch.optim.Adam(actor.parameters(), lr=config.lr)
     modules = {"actor": actor, "critic": critic}

@@ -32,6 +32,7 @@ import yaml
 from mop_torchrl.babyai.policy import EncoderConfig
 from mop_torchrl.core.config import (
     DEFAULT_ALPHA,
+    DEFAULT_RL_ALPHA,
     PRESETS,
     ConfigError,
     MoPConfig,
@@ -44,6 +45,7 @@ __all__ = [
     "MAX_NUM_ENVS",
     "MAX_SEED",
     "RESUMABLE_CHANGES",
+    "SAVED_DEFAULTS",
     "TrainConfig",
     "add_config_arguments",
     "auto_threads",
@@ -158,13 +160,24 @@ class TrainConfig:
             "policy builder sets it to the encoder's output width)."
         },
     )
-    alpha: float = setting(
-        DEFAULT_ALPHA,
-        "Routing-cost weight α (0 disables it), in the units mop.cost_norm gives the cost.",
+    alpha: float | None = setting(
+        None,
+        "Routing-cost weight α (0 disables it), in the units mop.cost_norm gives the cost; "
+        f"default {DEFAULT_ALPHA:g} for imitation and bc (DEFAULT_ALPHA), {DEFAULT_RL_ALPHA:g} "
+        "for ppo (DEFAULT_RL_ALPHA, in the plain form).",
     )
     epsilon: float = setting(1e-2, "ε of the performance-scaled routing cost.")
     cost_mode: Literal["scaled", "plain"] = setting(
-        "scaled", "Routing cost term: L + α·cost/(ε+L) (scaled, the paper's) or L + α·cost (plain)."
+        "scaled",
+        "imitation, bc: routing cost term L + α·cost/(ε+L) (scaled, the paper's) or L + α·cost "
+        "(plain). ppo always adds α·cost (plain): its loss is not a positive performance measure.",
+    )
+    cost_scaling: Literal["auto", "per_level", "batch"] = setting(
+        "auto",
+        "imitation, bc: per_level: the routing term per level of a multi-level batch, Σ_k "
+        "w_k·[L_k + α·cost_k/(ε+L_k)] (the paper's per-task form; w_k = level k's share of the "
+        "labelled steps); batch: one L and one mean cost for the batch; auto: per_level with "
+        "several levels, else batch. The resolved value is saved with the run.",
     )
     gru_hidden_size: int = setting(512, "Hidden size of the GRU baseline core.")
     encoder: EncoderConfig = dataclasses.field(
@@ -239,8 +252,18 @@ class TrainConfig:
         for name in positive:
             if not getattr(self, name) > 0:
                 raise ConfigError(name, f"must be > 0, got {getattr(self, name)!r}")
+        if self.alpha is None:
+            self.alpha = DEFAULT_RL_ALPHA if self.algo == "ppo" else DEFAULT_ALPHA
         if self.alpha < 0:
             raise ConfigError("alpha", f"must be >= 0, got {self.alpha!r}")
+        if self.cost_scaling == "auto":
+            self.cost_scaling = "per_level" if len(self.levels) > 1 else "batch"
+        elif self.cost_scaling == "per_level" and len(self.levels) == 1:
+            raise ConfigError(
+                "cost_scaling",
+                f"'per_level' needs several levels in task_id, got {self.task_id!r} (one level: "
+                "batch)",
+            )
         for name in ("gamma", "gae_lambda"):
             if not 0 <= getattr(self, name) <= 1:
                 raise ConfigError(name, f"must be in [0, 1], got {getattr(self, name)}")
@@ -354,6 +377,13 @@ class TrainConfig:
         return out
 
     @classmethod
+    def from_saved(cls, data: Mapping[str, Any]) -> TrainConfig:
+        """The config a run saved (its checkpoint's or its ``config.yaml``): :meth:`from_dict`,
+        with the keys added since it was written set to what it trained with
+        (:data:`SAVED_DEFAULTS`), not to today's defaults."""
+        return cls.from_dict(_with_saved_defaults(data))
+
+    @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> TrainConfig:
         """Builds a config from its nested form, the flat form (:data:`FLAT_KEYS`, as saved
         by earlier versions) or a mix; dotted keys (``"mop.layers"``) work too. Unknown keys
@@ -402,6 +432,11 @@ RESUMABLE_CHANGES: frozenset[str] = frozenset(
 )
 """Top-level keys a resumed run may change (they do not alter the training so far): the fields
 marked ``resumable`` in their metadata."""
+
+SAVED_DEFAULTS: dict[str, Any] = {"cost_scaling": "batch"}
+"""Keys added to the config since runs were first saved, with the value that reproduces how a
+run saved without them trained (:meth:`TrainConfig.from_saved`): ``cost_scaling`` came with
+per-level routing costs; before it, every run used the batch form."""
 
 PRESET_KEY = "preset"
 """The key in the ``mop`` section naming the preset its other values start from."""
@@ -461,6 +496,13 @@ def _nested(data: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _with_saved_defaults(data: Mapping[str, Any]) -> dict[str, Any]:
+    """``data`` (a saved config) with :data:`SAVED_DEFAULTS` for the keys it lacks."""
+    if not isinstance(data, Mapping):
+        return data  # from_dict names the problem
+    return {**SAVED_DEFAULTS, **data}
+
+
 def _merged(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
     """Nested ``base`` updated by nested ``overrides``, section by section."""
     out = {**base, **overrides}
@@ -493,10 +535,13 @@ def auto_threads(config: TrainConfig, cores: int | None = None) -> int:
 
 
 def load_config(
-    path: str | Path | None = None, overrides: Mapping[str, Any] | None = None
+    path: str | Path | None = None,
+    overrides: Mapping[str, Any] | None = None,
+    saved: bool = False,
 ) -> TrainConfig:
     """Reads a YAML config (optional) and applies overrides (nested, dotted or flat keys);
-    errors name the offending key."""
+    errors name the offending key. ``saved=True``: ``path`` is a run's saved ``config.yaml``
+    (keys it lacks take :data:`SAVED_DEFAULTS`, see :meth:`TrainConfig.from_saved`)."""
     data: dict[str, Any] = {}
     if path is not None:
         path = Path(path)
@@ -515,7 +560,7 @@ def load_config(
             ) from None
         if not isinstance(loaded, dict):
             raise ValueError(f"config file {str(path)!r} must hold a mapping of keys to values")
-        data = _nested(loaded)
+        data = _nested(_with_saved_defaults(loaded) if saved else loaded)
     return TrainConfig.from_dict(_merged(data, _nested(overrides or {})))
 
 

@@ -51,8 +51,9 @@ class DaggerDataset:
     """Labelled student rollouts, replayed as ``[batch_slices, burn_in + slice_len]`` slices.
 
     Args:
-        keys: what the policy reads (observations, hidden states, ``is_init``); ``expert_action``
-            is stored beside them.
+        keys: what the loss reads (observations, hidden states, ``is_init``, and for per-level
+            routing costs the ``"level"`` index of each step); ``expert_action`` is stored
+            beside them.
         frames: capacity in frames; the oldest segments are overwritten first.
         slice_len: loss-bearing steps per slice.
         burn_in: steps before them that only refresh the stored state (labels ``-1``).

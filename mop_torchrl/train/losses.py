@@ -1,9 +1,11 @@
 """The training objectives as TorchRL ``LossModule``s: imitation, and PPO with the routing cost.
 
 Both return ``loss_*`` terms (the optimizer minimises their sum) and detached metrics, all as
-tensors: nothing here reads a value back to Python. The routing-cost settings (α, ε, the
-``scaled``/``plain`` form) belong to the objective, not to the architecture; the math is
-:func:`~mop_torchrl.core.model.routing_cost_loss`'s.
+tensors; the one value read back to Python is the scaled form's check that the cross-entropy
+is positive and finite. The routing-cost settings (α, ε, the ``scaled``/``plain`` form, batch
+or per-level scaling) belong to the objective, not to the architecture; the math is
+:func:`~mop_torchrl.core.model.routing_cost_loss`'s and
+:func:`~mop_torchrl.core.model.grouped_routing_cost_loss`'s.
 """
 
 from __future__ import annotations
@@ -19,7 +21,8 @@ from tensordict.utils import unravel_key
 from torchrl.modules import set_recurrent_mode
 from torchrl.objectives import ClipPPOLoss, LossModule
 
-from mop_torchrl.core.model import routing_cost_loss
+from mop_torchrl.core.config import DEFAULT_ALPHA, DEFAULT_RL_ALPHA
+from mop_torchrl.core.model import grouped_routing_cost_loss, routing_cost_loss
 
 __all__ = ["ImitationLoss", "RoutingClipPPOLoss", "routing_metrics", "total_loss"]
 
@@ -67,19 +70,39 @@ class ImitationLoss(LossModule):
             any module writing the logits, e.g. ``policy_parts(actor).logits``.
 
     Keyword Args:
-        alpha (float): routing-cost weight α (``0``: the task loss alone). Default ``1e-2``.
+        alpha (float): routing-cost weight α (``0``: the task loss alone). Default
+            :data:`~mop_torchrl.core.config.DEFAULT_ALPHA` (``1e-2``).
         epsilon (float): ε of the scaled form ``α·cost/(ε + L)``. Default ``1e-2``.
         cost_mode (str): ``"scaled"`` (the paper's) or ``"plain"`` (``α·cost``).
+        cost_scaling (str): ``"batch"``: one ``L`` and one mean cost for the whole batch
+            (:func:`~mop_torchrl.core.model.routing_cost_loss`); ``"per_level"``: the paper's
+            per-task form over the levels of a multi-level batch,
+            ``Σ_k w_k·[L_k + α·cost_k/(ε + L_k)]`` with ``L_k``, ``cost_k`` the means over
+            level ``k``'s labelled steps and ``w_k = n_k/N`` its share of the batch's labelled
+            steps (:func:`~mop_torchrl.core.model.grouped_routing_cost_loss`). Those weights
+            keep ``Σ_k w_k L_k`` equal to the batch cross-entropy, so per-level scaling changes
+            the routing term only: each step's cost is pulled by ``α/(ε + L_k)`` of its own
+            level. (The paper sums its tasks unweighted, ``w_k = 1``; with equally represented
+            tasks that is ``K`` times these weights, a factor Adam all but ignores, but it would
+            tie the loss's scale to the number of levels present and weigh a rare level's steps
+            more.) Needs the ``level`` key. Default ``"batch"``.
+        num_levels (int): ``per_level``: the number of levels (``level`` is in
+            ``[0, num_levels)``).
 
     Returns (from ``forward``), a TensorDict of scalars unless noted:
         ``loss_imitation`` (the cross-entropy ``L``), ``loss_routing`` (MoP only: the routing
         term, so ``loss_imitation + loss_routing`` equals
-        ``routing_cost_loss(L, cost, alpha, epsilon, cost_mode)``), and detached metrics:
+        ``routing_cost_loss(L, cost, alpha, epsilon, cost_mode)``, or per level
+        ``grouped_routing_cost_loss(...)``), and detached metrics:
         ``accuracy`` (greedy action = label, over labelled steps), ``label_fraction``,
         ``routing_cost`` and ``("expert_weight", "block{l}")`` ``[k]`` (MoP only).
 
+    A non-finite cross-entropy is returned as it is (the training loop stops on it and keeps
+    its last checkpoint); the scaled form reads ``L`` back to check it (one host read).
+
     Keys (:meth:`set_keys`): ``expert_action`` (the label), ``logits``, ``routing_cost``
-    (``("routing", "cost")``) and ``routing`` (the root of the routing outputs).
+    (``("routing", "cost")``), ``routing`` (the root of the routing outputs) and ``level``
+    (``per_level``: each step's level index, int64 ``[B, T]``).
 
     Examples:
         >>> import torch
@@ -113,12 +136,14 @@ class ImitationLoss(LossModule):
             logits (NestedKey): what the policy writes, ``[B, T, num_actions]``.
             routing_cost (NestedKey): the per-step routing cost the policy writes (MoP).
             routing (NestedKey): the root of the routing outputs (per-block expert weights).
+            level (NestedKey): ``per_level``: each step's level index, int64 ``[B, T]``.
         """
 
         expert_action: NestedKey = "expert_action"
         logits: NestedKey = "logits"
         routing_cost: NestedKey = ("routing", "cost")
         routing: NestedKey = "routing"
+        level: NestedKey = "level"
 
     default_keys = _AcceptedKeys
     tensor_keys: _AcceptedKeys
@@ -127,9 +152,11 @@ class ImitationLoss(LossModule):
         self,
         policy: TensorDictModuleBase,
         *,
-        alpha: float = 1e-2,
+        alpha: float = DEFAULT_ALPHA,
         epsilon: float = 1e-2,
         cost_mode: Literal["scaled", "plain"] = "scaled",
+        cost_scaling: Literal["batch", "per_level"] = "batch",
+        num_levels: int | None = None,
     ) -> None:
         if not 0 <= alpha < float("inf"):
             raise ValueError(f"alpha must be finite and >= 0, got {alpha!r}")
@@ -137,18 +164,24 @@ class ImitationLoss(LossModule):
             raise ValueError(f"epsilon must be finite and > 0, got {epsilon!r}")
         if cost_mode not in ("scaled", "plain"):
             raise ValueError(f"cost_mode must be 'scaled' or 'plain', got {cost_mode!r}")
+        if cost_scaling not in ("batch", "per_level"):
+            raise ValueError(f"cost_scaling must be 'batch' or 'per_level', got {cost_scaling!r}")
+        if cost_scaling == "per_level" and not (isinstance(num_levels, int) and num_levels > 0):
+            raise ValueError(f"cost_scaling 'per_level' needs num_levels > 0, got {num_levels!r}")
         super().__init__()
         if isinstance(policy, ProbabilisticTensorDictSequential):
             policy = policy.det_part  # the logits; the loss never samples
         self.policy = policy
         self.alpha, self.epsilon, self.cost_mode = alpha, epsilon, cost_mode
+        self.cost_scaling, self.num_levels = cost_scaling, num_levels
 
     def _forward_value_estimator_keys(self, **kwargs) -> None:
         pass  # no value estimator
 
     @property
     def in_keys(self) -> list[NestedKey]:
-        return [*self.policy.in_keys, self.tensor_keys.expert_action]
+        keys = [*self.policy.in_keys, self.tensor_keys.expert_action]
+        return [*keys, self.tensor_keys.level] if self.cost_scaling == "per_level" else keys
 
     @property
     def out_keys(self) -> list[NestedKey]:
@@ -170,28 +203,71 @@ class ImitationLoss(LossModule):
         )
         cost = out.get(keys.routing_cost, None)
         if cost is not None:  # MoP; a GRU/LSTM core writes no routing outputs
-            total = routing_cost_loss(task, cost, self.alpha, self.epsilon, self.cost_mode)
-            result["loss_routing"] = total - task
+            result["loss_routing"] = self._routing_term(
+                logits, labels, valid, task, cost, tensordict
+            )
             result.update(routing_metrics(out, keys.routing, keys.routing_cost))
         return result
+
+    def _routing_term(
+        self,
+        logits: torch.Tensor,
+        labels: torch.Tensor,
+        valid: torch.Tensor,
+        task: torch.Tensor,
+        cost: torch.Tensor,
+        tensordict: TensorDictBase,
+    ) -> torch.Tensor:
+        """``total - L``: what the routing cost adds to the cross-entropy ``task``."""
+        if self.alpha == 0 or (self.cost_mode == "scaled" and not bool(torch.isfinite(task))):
+            return task - task  # 0, or the non-finite L's own NaN for the loop to report
+        if self.cost_scaling == "batch":
+            total = routing_cost_loss(task, cost, self.alpha, self.epsilon, self.cost_mode)
+            return total - task
+        level = tensordict.get(self.tensor_keys.level).reshape(labels.shape)
+        step_loss = F.cross_entropy(
+            logits.flatten(0, -2), torch.where(valid, labels, 0).flatten(), reduction="none"
+        )
+        counts = logits.new_zeros(self.num_levels).index_add(
+            0, level.flatten(), valid.flatten().to(logits.dtype)
+        )
+        total = grouped_routing_cost_loss(
+            step_loss,
+            cost.reshape(labels.shape),
+            level,
+            valid,
+            counts / counts.sum(),  # w_k: each level's share of the labelled steps
+            self.alpha,
+            self.epsilon,
+            self.cost_mode,
+        )
+        return total - task
 
 
 class RoutingClipPPOLoss(ClipPPOLoss):
     """:class:`~torchrl.objectives.ClipPPOLoss` that also returns the routing cost of its own
     actor pass (``loss_routing = α·cost``, the plain form) and the routing metrics.
 
+    Why plain: the scaled form ``α·cost/(ε + L)`` reads ``L`` as a positive measure of
+    performance; PPO's total (surrogate + critic + entropy) is not one (≤ 0 in 5% of the
+    minibatches of a short masked-CartPole run, where ``ε + L`` can change sign), and scaling by
+    the critic loss instead ties the pressure to the reward scale and to how far the value
+    targets have moved (the critic loss spanned 0.005–0.12 within 5k frames there: an 8x swing
+    in the pressure). ``α`` defaults to
+    :data:`~mop_torchrl.core.config.DEFAULT_RL_ALPHA`.
+
     ``ClipPPOLoss`` runs the actor on a shallow copy of its input (to get the distribution)
     and keeps only the log-probabilities; MoP's routing outputs, written by that same pass,
     were lost, and the cost needed a second actor pass. This keeps them from
     :meth:`_get_cur_log_prob`, the one place the current actor runs (the critic writes the
-    routing keys again later, from its own pass: they are taken before). The plain form:
-    the scaled one divides by the task loss, which PPO's objective is not (it is not positive).
+    routing keys again later, from its own pass: they are taken before).
 
     Args:
         actor, critic: as for ``ClipPPOLoss``.
 
     Keyword Args:
-        alpha (float): routing-cost weight (``0``: the metrics only).
+        alpha (float): routing-cost weight (``0``: the metrics only). Default
+            :data:`~mop_torchrl.core.config.DEFAULT_RL_ALPHA`.
         routing (NestedKey): root of the routing outputs; its ``"cost"`` entry is the cost.
         **kwargs: ``ClipPPOLoss``'s (``clip_epsilon``, ``entropy_coeff``, ...).
     """
@@ -201,7 +277,7 @@ class RoutingClipPPOLoss(ClipPPOLoss):
         actor: ProbabilisticTensorDictSequential,
         critic: TensorDictModuleBase,
         *,
-        alpha: float = 1e-2,
+        alpha: float = DEFAULT_RL_ALPHA,
         routing: NestedKey = "routing",
         **kwargs,
     ) -> None:

@@ -59,7 +59,7 @@ def load_modules(payload: dict[str, Any], modules: dict[str, nn.Module], path: P
 def load_actor(checkpoint: str | Path) -> tuple[nn.Module, TrainConfig]:
     """The actor saved in a training checkpoint, in eval mode, and its config."""
     payload = load_checkpoint(checkpoint)
-    config = TrainConfig.from_dict(payload["config"])
+    config = TrainConfig.from_saved(payload["config"])
     actor, _ = build_policy(config)
     load_modules(payload, {"actor": actor}, Path(checkpoint))
     return actor.eval(), config

@@ -113,8 +113,8 @@ def validate_start(
         raise RunError("--resume and --overwrite exclude each other")
     if resume and checkpoint.exists():
         payload = load_checkpoint(checkpoint)
-        # Read as a config (old flat configs, keys added since then take their defaults).
-        saved = TrainConfig.from_dict(payload["config"]).to_dict()
+        # Read as a config (old flat configs; keys added since then: what the run trained with).
+        saved = TrainConfig.from_saved(payload["config"]).to_dict()
         diff = {
             key: (saved.get(key), value)
             for key, value in config.to_dict().items()
