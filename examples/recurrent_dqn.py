@@ -14,7 +14,10 @@ position and the pole angle are seen), so the policy has to remember: a TorchRL
 
 ``DQNLoss`` enters recurrent mode by itself: each sampled slice is replayed from the hidden state
 stored when it was collected. With ``--core mop`` the routing cost of that replay is added to the
-TD loss (``routing_cost_loss``, the paper's scaled form; ``--alpha 0`` disables it).
+TD loss in the plain form ``α·cost`` (``routing_cost_loss(..., mode="plain")``, α from
+``DEFAULT_RL_ALPHA``; ``--alpha 0`` disables it): the TD error is positive, but it measures how
+well the values are predicted, not how well the task is done (it can grow as the agent
+improves), so it is no denominator for the paper's performance-scaled form.
 """
 
 from __future__ import annotations
@@ -45,7 +48,7 @@ from torchrl.objectives import DQNLoss, SoftUpdate
 
 from mop_torchrl import MoPConfig, routing_cost_loss
 from mop_torchrl.babyai.policy import make_core
-from mop_torchrl.core.config import DEFAULT_ALPHA
+from mop_torchrl.core.config import DEFAULT_RL_ALPHA
 
 # Parameter counts of the three cores (input 64): MoP 66k, GRU(120) 67k, LSTM(100) 66k.
 MOP = MoPConfig.from_preset("paper", input_dim=64, router_dim=16)  # layers "0,16,32" x 3, D=64
@@ -97,7 +100,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--gamma", type=float, default=0.99)
     parser.add_argument("--tau", type=float, default=0.01, help="target network soft update")
-    parser.add_argument("--alpha", type=float, default=DEFAULT_ALPHA, help="routing cost weight")
+    parser.add_argument(
+        "--alpha", type=float, default=DEFAULT_RL_ALPHA, help="routing cost weight (plain form)"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
         "--max_wall_s", type=float, default=None, help="stop early (results kept) after this"
@@ -172,7 +177,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
             sample = buffer.sample().reshape(args.slices, args.slice_len)
             loss = loss_fn(sample)["loss"]
             if costs:
-                loss = routing_cost_loss(loss, torch.cat([c.flatten() for c in costs]), args.alpha)
+                cost = torch.cat([c.flatten() for c in costs])
+                loss = routing_cost_loss(loss, cost, args.alpha, mode="plain")
             optimizer.zero_grad()
             loss.backward()
             nn.utils.clip_grad_norm_(loss_fn.parameters(), 10.0)

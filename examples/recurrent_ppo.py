@@ -16,7 +16,11 @@ with fewer epochs on Pendulum to fit a CPU budget); any flag overrides them.
 ``GAE(..., deactivate_vmap=True)``: a recurrent critic fails under ``vmap`` in torchrl 0.14 (the
 GRU/LSTM modules too). Once ``MoPModule`` is vmappable (issue 13) the MoP core can drop the flag
 in ``make_advantage`` below; the baselines keep it. With ``--core mop`` the routing cost of the
-loss's own replay is added to the PPO loss (``routing_cost_loss``; ``--alpha 0`` disables it).
+loss's own replay is added to the PPO loss in the plain form ``α·cost``
+(``routing_cost_loss(..., mode="plain")``; ``--alpha 0`` disables it): the paper's scaled form
+``α·cost/(ε + L)`` needs a positive performance measure ``L``, and the PPO total (surrogate +
+critic + entropy) is not one (it goes below 0, and below ``-ε``). The default α is
+``DEFAULT_RL_ALPHA``.
 """
 
 from __future__ import annotations
@@ -49,7 +53,7 @@ from torchrl.objectives.value import GAE
 
 from mop_torchrl import MoPConfig, routing_cost_loss
 from mop_torchrl.babyai.policy import make_core
-from mop_torchrl.core.config import DEFAULT_ALPHA
+from mop_torchrl.core.config import DEFAULT_RL_ALPHA
 
 # Parameter counts of the three cores (input 64): MoP 66k, GRU(120) 67k, LSTM(100) 66k.
 MOP = MoPConfig.from_preset("paper", input_dim=64, router_dim=16)  # layers "0,16,32" x 3, D=64
@@ -163,7 +167,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--gamma", type=float)
     parser.add_argument("--lmbda", type=float)
-    parser.add_argument("--alpha", type=float, default=DEFAULT_ALPHA, help="routing cost weight")
+    parser.add_argument(
+        "--alpha", type=float, default=DEFAULT_RL_ALPHA, help="routing cost weight (plain form)"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
         "--max_wall_s", type=float, default=None, help="stop early (results kept) after this"
@@ -228,9 +234,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
                 out = loss_fn(batch[envs])  # whole sequences per env
                 loss = out["loss_objective"] + out["loss_critic"] + out["loss_entropy"]
                 if costs:
-                    loss = routing_cost_loss(
-                        loss, torch.cat([c.flatten() for c in costs]), args.alpha
-                    )
+                    cost = torch.cat([c.flatten() for c in costs])
+                    loss = routing_cost_loss(loss, cost, args.alpha, mode="plain")
                 optimizer.zero_grad()
                 loss.backward()
                 nn.utils.clip_grad_norm_(loss_fn.parameters(), 1.0)
