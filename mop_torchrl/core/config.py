@@ -115,7 +115,7 @@ DEFAULT_RL_ALPHA = 1e-2
 ``L + α·cost`` (same units as :data:`DEFAULT_ALPHA`): a unit of cost weighs ``α``, about a third
 of what imitation gives it at its cross-entropy floor. An RL objective is not a positive
 performance measure (a PPO total was ≤ 0 in 5% of minibatches on masked CartPole), so the
-scaled form does not apply (``routing_cost_loss`` refuses a non-positive ``L``). On masked
+scaled form does not apply (``routing_cost_loss`` refuses a negative ``L``). On masked
 CartPole (5,120 frames, one seed) plain α=1e-2 kept every block's routing mixed and learnt as
 α=0 did, where the scaled form at α=1e-2 sent the routers to the identity expert and did not
 learn: measurements in docs/training.md. ``train --algo ppo`` and the RL examples use it."""

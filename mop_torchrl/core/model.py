@@ -333,10 +333,12 @@ def routing_cost_loss(
     ``scaled`` (the paper's): ``L + α·cost/(ε + L)``, the denominator not detached, so the cost
     weighs more once the task is learnt; ``plain``: ``L + α·cost``. ``cost`` is averaged.
 
-    The scaled form reads ``L`` as a measure of performance: it must be positive and finite (a
-    cross-entropy). An RL objective is not one (PPO's surrogate and entropy terms go negative,
-    and a total near ``-ε`` would blow the term up), so with ``α > 0`` a non-positive or
-    non-finite ``L`` is refused (a ``ValueError`` naming it; this reads ``L`` back to the host).
+    The scaled form reads ``L`` as a measure of performance: it must be non-negative and finite
+    (a cross-entropy, which can round to exactly 0 once every label is predicted with a large
+    margin: then the term is ``α·cost/ε``, finite). An RL objective is not one (PPO's surrogate
+    and entropy terms go negative, and a total near ``-ε`` would blow the term up), so with
+    ``α > 0`` a negative or non-finite ``L`` is refused (a ``ValueError`` naming it; this reads
+    ``L`` back to the host).
     For an RL loss use ``plain`` (see ``DEFAULT_RL_ALPHA`` in :mod:`mop_torchrl.core.config`).
     For several tasks in a batch, each with its own ``L``, see
     :func:`grouped_routing_cost_loss`.
@@ -350,7 +352,7 @@ def routing_cost_loss(
         >>> routing_cost_loss(torch.tensor(-0.2), torch.tensor([2.0]), alpha=0.5)
         Traceback (most recent call last):
         ...
-        ValueError: the scaled routing cost divides by the task loss, which must be positive and finite (a cross-entropy), got -0.2: use mode='plain' for an RL loss
+        ValueError: the scaled routing cost divides by the task loss, which must be non-negative and finite (a cross-entropy), got -0.2: use mode='plain' for an RL loss
     """
     if mode not in ("scaled", "plain"):
         raise ValueError(f"mode must be 'scaled' or 'plain', got {mode!r}")
@@ -388,7 +390,7 @@ def grouped_routing_cost_loss(
     (all ones); the share of each group's valid steps in the batch (``n_k / N``) makes
     ``Σ_k w_k L_k`` the batch's mean loss, so only the routing term changes (what
     :class:`~mop_torchrl.train.losses.ImitationLoss` uses). As in :func:`routing_cost_loss`,
-    the scaled form refuses (``ValueError``) a present group's ``L_k`` that is not positive and
+    the scaled form refuses (``ValueError``) a present group's ``L_k`` that is negative or not
     finite when ``α > 0``.
 
     Args:
@@ -440,16 +442,16 @@ def grouped_routing_cost_loss(
 
 
 def _check_task_loss(task_loss: torch.Tensor, present: torch.Tensor | None = None) -> None:
-    """Raises unless every (present) entry of ``task_loss`` is positive and finite (one host
-    read)."""
-    bad = ~((task_loss > 0) & torch.isfinite(task_loss))
+    """Raises unless every (present) entry of ``task_loss`` is non-negative and finite (one
+    host read)."""
+    bad = ~((task_loss >= 0) & torch.isfinite(task_loss))
     if present is not None:
         bad = bad & present
     if bool(bad.any()):
         index = int(bad.nonzero()[0, 0])
         which = "" if present is None else f" of group {index}"
         raise ValueError(
-            f"the scaled routing cost divides by the task loss{which}, which must be positive "
-            f"and finite (a cross-entropy), got {task_loss[index].item():g}: use mode='plain' "
-            "for an RL loss"
+            f"the scaled routing cost divides by the task loss{which}, which must be "
+            f"non-negative and finite (a cross-entropy), got {task_loss[index].item():g}: use "
+            "mode='plain' for an RL loss"
         )
