@@ -97,7 +97,8 @@ class TrainConfig:
     )
     num_envs: int = setting(16, "Environments stepped together.")
     env_batching: Literal["serial", "parallel"] = setting(
-        "serial", "How envs are batched: one process (SerialEnv) or one worker each (ParallelEnv)."
+        "serial",
+        "How envs are batched: one process (BabyAIBatchedEnv) or one worker each (ParallelEnv).",
     )
     backend: Literal["inprocess", "multiprocess", "distributed", "ray"] = setting(
         "inprocess",
