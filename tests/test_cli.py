@@ -253,6 +253,7 @@ def test_resume_in_a_fresh_process_is_bit_exact(tmp_path):
     assert result.returncode == 0, result.stderr
     a, b = load_checkpoint(straight), load_checkpoint(half)
     assert a["update"] == b["update"] == 12
+    assert a["extra"]["episodes"] == b["extra"]["episodes"] > 0  # the count goes on
     for name, value in a["model"]["actor"].items():
         assert torch.equal(b["model"]["actor"][name], value), name
 

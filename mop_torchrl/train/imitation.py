@@ -61,7 +61,8 @@ def train_imitation(config: TrainConfig, resume: bool = False) -> Path:
     mixer = BotMixer(dagger_beta(config.dagger_beta, config.dagger_beta_updates, run.start_update))
     student = TensorDictSequential(actor, mixer) if config.dagger_beta > 0 else actor
     batches = segment_batches(student, config, run.start_update, expert=True)
-    stats, metrics = EpisodeStats(levels=config.levels), MetricMeans()
+    stats = EpisodeStats(levels=config.levels, total=run.extra.get("episodes", 0))
+    metrics = MetricMeans()
 
     with closing(batches), run.updates(modules, optimizer) as updates:
         for update in updates:

@@ -53,7 +53,8 @@ def train_ppo(config: TrainConfig, resume: bool = False) -> Path:
     modules = {"actor": actor, "critic": critic}
     run.restore(modules, optimizer)
     batches = segment_batches(actor, config, run.start_update, expert=False, salt=1)
-    stats, metrics = EpisodeStats(levels=config.levels), MetricMeans()
+    stats = EpisodeStats(levels=config.levels, total=run.extra.get("episodes", 0))
+    metrics = MetricMeans()
 
     with closing(batches), run.updates(modules, optimizer) as updates:
         for update in updates:

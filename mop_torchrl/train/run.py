@@ -368,6 +368,8 @@ class Updates:
         step_s = self.seconds["collect"] + self.seconds["train"]
         run.frames += frames
         run.extra["wall_s"] = run.extra.get("wall_s", 0.0) + step_s
+        if stats is not None:
+            run.extra["episodes"] = stats.total  # saved with the checkpoint: resumed runs go on
         if run._bar is not None:
             run._bar.update(1)
         if done % config.log_interval == 0 or done == config.num_updates:

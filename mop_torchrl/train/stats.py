@@ -41,14 +41,14 @@ class EpisodeStats:
         {'episode/success': 0.5, 'episode/return': 0.45, 'episode/length': 34.0, 'episode/count': 2.0}
     """
 
-    def __init__(self, window: int = 100, levels: Sequence[str] = ()) -> None:
+    def __init__(self, window: int = 100, levels: Sequence[str] = (), total: int = 0) -> None:
         self.window = window
         self.levels = [level_name(level) for level in levels] if len(levels) > 1 else []
         self.columns: list[str] = []
         self.recent = torch.zeros(0, 0, dtype=torch.float64)  # [episodes, columns]
         self.per_level = [self.recent for _ in self.levels]
         self.level_cost: list[deque[float]] = [deque(maxlen=10) for _ in self.levels]
-        self.total = 0
+        self.total = total  # episodes finished since the run began (a resumed run continues it)
 
     def add(self, data: TensorDictBase) -> None:
         """Adds the episodes that end inside a collected batch (vectorised over episodes)."""
