@@ -4,7 +4,7 @@ Layout used throughout: ``x`` is ``[S, L, F]`` (``S`` independent sequences of `
 every recurrent state is ``[S, h]``. Step mode is ``L == 1``. The TorchRL wrapper
 (:mod:`mop_torchrl.core.module`) maps TensorDicts onto this layout.
 
-Two implementations share the same parameters:
+Three implementations share the same parameters (the state dict does not depend on them):
 
 * ``"reference"``: one ``nn.GRU`` per router/expert and one output projection per expert, the
   way the BabyAI integration did it; kept as the oracle for tests and benchmarks.
@@ -12,6 +12,13 @@ Two implementations share the same parameters:
   block's GRUs are one product over all steps and only the recurrent products run per step
   (resets without padding); the weighted expert projections accumulate in place
   (:meth:`MoPBlock.fused_mix`).
+* ``"packed"`` (:mod:`mop_torchrl.core.packed`, for accelerators): a block's router and experts
+  run as one GRU (one product for all input gates, one block-diagonal product for all hidden
+  gates, one gate kernel), and the expert projections are one product on the weighted
+  activations (:meth:`MoPBlock.packed_mix`); over sequences one scan per block.
+
+``"auto"`` (the default) picks one by device and mode (:func:`resolve_implementation`, from
+the measurements in :data:`AUTO_IMPLEMENTATION`).
 
 Under ``torch.vmap`` (or any torch.func transform) the reference runs its GRUs as a Python loop
 of cells (``aten::gru`` has no batching rule), and its recurrent mode resets with a
@@ -29,6 +36,7 @@ from torch import nn
 
 from mop_torchrl.core.config import MoPConfig
 from mop_torchrl.core.fused import functorch_active, gru_cell, gru_recurrence
+from mop_torchrl.core.packed import packed_gru_recurrence
 
 __all__ = [
     "CoreOutput",
@@ -39,7 +47,49 @@ __all__ = [
     "routing_cost_loss",
 ]
 
-Implementation = Literal["fused", "reference"]
+Implementation = Literal["fused", "reference", "packed"]
+"""A path that runs: see the module docstring."""
+ImplementationChoice = Literal["auto", "fused", "reference", "packed"]
+"""What a core is built with: a path, or ``"auto"`` (:func:`resolve_implementation`)."""
+IMPLEMENTATIONS: tuple[Implementation, ...] = ("fused", "reference", "packed")
+
+AUTO_IMPLEMENTATION: dict[str, dict[str, Implementation]] = {
+    # 2-core Xeon, seed preset (docs/benchmarks.md): fused wins the step (1.67x vs 1.84x the
+    # GRU's time at batch 64) and the sequence (178 vs 465 ms on [64, 32]).
+    "cpu": {"step": "fused", "sequence": "fused"},
+    # H200, torch 2.11 (docs/results/gpu/): eager step at batch 64/256/1024 fused 3.44/3.60/3.26
+    # ms vs reference 3.70/3.82/3.91; sequence fwd+bwd on [256, 32]: reference (cuDNN) 20.9 ms
+    # vs fused 96.5. "packed" is not measured on a GPU yet (benchmarks/gpu_issue22.sh).
+    "cuda": {"step": "fused", "sequence": "reference"},
+}
+"""What ``"auto"`` runs, per device type (others: as on ``"cpu"``) and mode (``"step"``: one
+step from ``[S, h]`` states; ``"sequence"``: anything longer, or with resets)."""
+
+
+def resolve_implementation(
+    choice: ImplementationChoice, device: torch.device | str, sequence: bool
+) -> Implementation:
+    """The path a core built with ``choice`` runs on ``device``, for one step or a sequence.
+
+    ``"auto"`` reads :data:`AUTO_IMPLEMENTATION`, except under torch.func transforms
+    (``vmap``), where it runs ``"fused"``: the reference's cuDNN GRUs have no batching rule
+    (it loops over cells there), and the fused scan has its own.
+
+    Examples:
+        >>> resolve_implementation("auto", "cpu", sequence=True)
+        'fused'
+        >>> resolve_implementation("auto", "cuda", sequence=True)
+        'reference'
+        >>> resolve_implementation("packed", "cuda", sequence=False)
+        'packed'
+    """
+    if choice != "auto":
+        return choice
+    if functorch_active():
+        return "fused"
+    device_type = torch.device(device).type
+    table = AUTO_IMPLEMENTATION.get(device_type, AUTO_IMPLEMENTATION["cpu"])
+    return table["sequence" if sequence else "step"]
 
 
 class Expert(nn.Module):
@@ -100,6 +150,10 @@ class MoPBlock(nn.Module):
             "largest_mask": torch.arange(len(sizes)) == largest,
             "identity_mask": torch.tensor([float(size == 0) for size in sizes]),
             "stateful_index": torch.tensor(stateful, dtype=torch.long),
+            # The expert each column of the concatenated expert states belongs to (packed mix).
+            "segment_expert": torch.tensor(
+                [i for i in stateful for _ in range(sizes[i])], dtype=torch.long
+            ),
         }
         for name, value in constants.items():
             self.register_buffer(name, value, persistent=False)
@@ -174,6 +228,28 @@ class MoPBlock(nn.Module):
                 total = torch.addmm(total, act, expert.proj.weight.t())
         return self.norm(total).reshape(shape)
 
+    def packed_mix(
+        self, x: torch.Tensor, expert_states: list[torch.Tensor], weights: torch.Tensor
+    ) -> torch.Tensor:
+        """:meth:`mix` with all expert projections as one product: ``Σ_i W_i (w_i a_i) =
+        [W_1 .. W_m] · [w_1 a_1, .., w_m a_m]``, the activations ``a_i = ReLU(Norm(h_i))``
+        weighted per column by the expert they come from."""
+        shape = x.shape
+        x, weights = x.reshape(-1, shape[-1]), weights.reshape(-1, weights.shape[-1])
+        experts = [self.experts[i] for i in self.stateful_experts]
+        total, stateful_weights = x, weights
+        if len(experts) < len(self.sizes):  # identity experts add (Σ w_id) x
+            total = torch.addcmul(x, x, weights @ self.identity_mask.unsqueeze(-1))
+            stateful_weights = weights.index_select(-1, self.stateful_index)
+        if experts:
+            normed = [e.norm(h.reshape(-1, h.shape[-1])) for e, h in zip(experts, expert_states)]
+            act = F.relu(torch.cat(normed, -1)) * weights.index_select(-1, self.segment_expert)
+            biases = torch.stack([expert.proj.bias for expert in experts])
+            total = torch.addmm(total, stateful_weights, biases)
+            proj = torch.cat([expert.proj.weight for expert in experts], 1)  # [D, Σ d_i]
+            total = torch.addmm(total, act, proj.t())
+        return self.norm(total).reshape(shape)
+
     def forward(
         self,
         x: torch.Tensor,
@@ -185,6 +261,8 @@ class MoPBlock(nn.Module):
         transforms (otherwise the core splits the rows into segments for it)."""
         if implementation == "fused":
             new_states = gru_recurrence(self.grus, x, states, starts)
+        elif implementation == "packed":
+            new_states = packed_gru_recurrence(self.grus, x, states, starts)
         elif starts is None and not functorch_active():
             new_states = [gru(x, h.unsqueeze(0))[0] for gru, h in zip(self.grus, states)]
         else:
@@ -192,6 +270,8 @@ class MoPBlock(nn.Module):
         probs, weights = self.gates(new_states[0])
         if implementation == "fused":
             y = self.fused_mix(x, new_states[1:], weights)
+        elif implementation == "packed":
+            y = self.packed_mix(x, new_states[1:], weights)
         else:
             y = self.mix(x, new_states[1:], weights)
         cost = (probs * self.expert_cost).sum(-1)
@@ -245,11 +325,12 @@ class MoPCore(nn.Module):
         (torch.Size([2, 5, 16]), torch.Size([2, 5, 3]), torch.Size([2, 5]))
     """
 
-    def __init__(self, config: MoPConfig, implementation: Implementation = "fused") -> None:
+    def __init__(self, config: MoPConfig, implementation: ImplementationChoice = "auto") -> None:
         super().__init__()
-        if implementation not in ("fused", "reference"):
+        if implementation not in ("auto", *IMPLEMENTATIONS):
             raise ValueError(
-                f"implementation must be 'fused' or 'reference', got {implementation!r}"
+                "implementation must be 'auto', 'fused', 'reference' or 'packed', "
+                f"got {implementation!r}"
             )
         self.config = config
         self.implementation = implementation
@@ -267,14 +348,34 @@ class MoPCore(nn.Module):
         Without ``starts``, ``states`` are per block, per state (router first) the initial
         states ``[S, h]``. With ``starts [S, L]`` (bool, true at ``t=0``), ``states`` are
         ``[S, L, h]`` and each sequence restarts from ``states[:, t]`` wherever
-        ``starts[:, t]`` (the recurrent mode's resets). The fused path runs these resets in
-        place; the reference splits the rows into padded segments (under torch.func
+        ``starts[:, t]`` (the recurrent mode's resets). The fused and packed paths run these
+        resets in place; the reference splits the rows into padded segments (under torch.func
         transforms, where shapes may not depend on the data, it resets in a loop of cells).
+        Which path runs: :meth:`resolve` (the core's ``implementation``, ``x``'s device, and
+        whether this is one step from ``[S, h]`` states or a sequence).
         """
-        if starts is not None and self.implementation == "reference" and not functorch_active():
+        sequence = starts is not None or x.shape[1] > 1
+        return self._run(x, states, starts, self.resolve(x.device, sequence))
+
+    def resolve(self, device: torch.device | str, sequence: bool) -> Implementation:
+        """The path this core runs on ``device`` for a step or a sequence
+        (:func:`resolve_implementation` of its ``implementation``)."""
+        return resolve_implementation(self.implementation, device, sequence)
+
+    def _run(
+        self,
+        x: torch.Tensor,
+        states: list[list[torch.Tensor]],
+        starts: torch.Tensor | None,
+        implementation: Implementation,
+    ) -> CoreOutput:
+        if starts is not None and implementation == "reference" and not functorch_active():
             segments = _Segments(starts)
-            out = self.forward(
-                segments.pack(x), [[segments.initial(s) for s in block] for block in states]
+            out = self._run(
+                segments.pack(x),
+                [[segments.initial(s) for s in block] for block in states],
+                None,
+                implementation,
             )
             return CoreOutput(
                 features=segments.unpack(out.features),
@@ -285,7 +386,7 @@ class MoPCore(nn.Module):
         h = self.input_proj(x)
         weights, costs, new_states = [], [], []
         for block, block_states in zip(self.blocks, states):
-            out = block(h, block_states, self.implementation, starts)
+            out = block(h, block_states, implementation, starts)
             h = out.y
             weights.append(out.weights)
             costs.append(out.cost)

@@ -18,7 +18,7 @@ from torchrl.envs import TensorDictPrimer
 from torchrl.modules import canonicalize_rnn_subset, recurrent_mode
 
 from mop_torchrl.core.config import MoPConfig
-from mop_torchrl.core.model import Implementation, MoPCore
+from mop_torchrl.core.model import ImplementationChoice, MoPCore
 
 __all__ = ["MoPModule"]
 
@@ -42,7 +42,11 @@ class MoPModule(TensorDictModuleBase):
             block's mixing weights after expert dropout ``[*batch, k_l]``, and
             ``(routing_key, "cost")`` the step's routing cost ``Σ_l Σ_i p_{l,i} d_{l,i}^c``
             ``[*batch]``.
-        implementation: ``"fused"`` (default) or ``"reference"`` (one ``nn.GRU`` per expert).
+        implementation: ``"auto"`` (default: chosen by device and mode, see
+            :func:`~mop_torchrl.core.model.resolve_implementation`; the fused path on CPU),
+            ``"fused"`` (CPU-tuned GRU kernels), ``"packed"`` (each block's GRUs as one, for
+            accelerators) or ``"reference"`` (one ``nn.GRU`` per expert). All compute the same
+            function on the same parameters.
         default_recurrent_mode: the mode used outside any
             :class:`~torchrl.modules.set_recurrent_mode` context (``None``: step mode), as
             ``GRUModule``'s; read the mode in effect from :attr:`recurrent_mode`.
@@ -96,7 +100,7 @@ class MoPModule(TensorDictModuleBase):
         out_key: NestedKey = "features",
         state_key: str = "recurrent_state",
         routing_key: str = "routing",
-        implementation: Implementation = "fused",
+        implementation: ImplementationChoice = "auto",
         default_recurrent_mode: bool | None = None,
     ) -> None:
         super().__init__()
