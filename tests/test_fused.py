@@ -118,9 +118,13 @@ def test_benchmarks_smoke(tmp_path, capsys):
     step = bench.run_step_benchmark([1, 3], **tiny)
     sequence = bench.run_sequence_benchmark(2, 4, **tiny)
     for result, candidates in [
-        (step, {"mop_fused", "mop_reference", "gru"}),
-        (sequence, {"mop_fused", "mop_reference", "gru_pad", "gru_scan", "mop_step_loop"}),
+        (step, {"mop_fused", "mop_reference", "mop_packed", "gru"}),
+        (
+            sequence,
+            {"mop_fused", "mop_reference", "mop_packed", "gru_pad", "gru_scan", "mop_step_loop"},
+        ),
     ]:
+        assert result["auto"] == {"step": "fused", "sequence": "fused"}  # on CPU
         assert {"device", "versions", "config", "params", "results"} <= set(result)
         assert {row["candidate"] for row in result["results"]} == candidates
         for row in result["results"]:
