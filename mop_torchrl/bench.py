@@ -450,7 +450,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--reset_prob", type=float, default=0.05, help="sequence")
     parser.add_argument("--task_id", default="BabyAI-GoToLocal-v0", help="collector: level")
     parser.add_argument("--num_envs", type=int, default=2, help="collector: env workers")
-    parser.add_argument("--serial", action="store_true", help="collector: SerialEnv")
+    parser.add_argument(
+        "--serial", action="store_true", help="collector: envs in one process (BabyAIBatchedEnv)"
+    )
     parser.add_argument("--frames", type=int, default=2048, help="collector: frames timed")
     parser.add_argument(
         "--policies",

@@ -20,7 +20,8 @@ def _serial_reference(level: str, num_envs: int, seed: int, **options) -> Transf
         for s in worker_seeds(seed, num_envs)
     ]
     return TransformedEnv(
-        SerialEnv(num_envs, factories, device="cpu"), Compose(InitTracker(), StepCounter(), RewardSum())
+        SerialEnv(num_envs, factories, device="cpu"),
+        Compose(InitTracker(), StepCounter(), RewardSum()),
     )
 
 
