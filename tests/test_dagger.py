@@ -1,10 +1,8 @@
 """DAgger on a TorchRL replay buffer, the grounding probe and the normalised routing cost."""
 
-import subprocess
-import sys
-
 import pytest
 import torch
+from console import cli
 from tensordict import TensorDict
 from tensordict.nn import TensorDictModuleBase
 from tiny import tiny_settings
@@ -106,9 +104,8 @@ TINY = tiny_settings(
 
 
 def _cli(*args: str) -> None:
-    subprocess.run(
-        [sys.executable, "-m", "mop_torchrl.cli", "train", *args], check=True, capture_output=True
-    )
+    result = cli("train", *args)
+    assert result.returncode == 0, result.stderr
 
 
 @pytest.mark.subprocess

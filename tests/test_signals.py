@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
-from console import QUIET, SCRIPT
+from console import QUIET, SCRIPT, cli
 from tiny import tiny_flags
 
 from mop_torchrl.train.checkpoint import load_checkpoint
@@ -125,13 +125,7 @@ def test_signal_to_the_process_group_saves_and_exits(tmp_path, backend, sig):
     assert [p.name for p in (run_dir / "buffers").iterdir()] == [f"dagger-{update:08d}"]
 
     if backend in ("inprocess", "multiprocess"):  # the pair resumes (both signals, 2 backends)
-        result = subprocess.run(
-            [SCRIPT, "train", "--resume", str(run_dir), f"--num_updates={update + 1}"],
-            capture_output=True,
-            text=True,
-            env=QUIET,
-            timeout=300,
-        )
+        result = cli("train", "--resume", run_dir, f"--num_updates={update + 1}", env=QUIET)
         assert result.returncode == 0, result.stderr
         assert load_checkpoint(run_dir)["update"] == update + 1
         assert logged_steps(run_dir) == list(range(1, update + 2))
