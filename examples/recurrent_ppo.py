@@ -1,25 +1,26 @@
-"""Recurrent PPO on a partially observable Pendulum or CartPole, with a MoP, GRU or LSTM core.
+"""Recurrent PPO on a partially observable CartPole or Pendulum, with a MoP, GRU or LSTM core.
 
-    python examples/recurrent_ppo.py --core mop
-    python examples/recurrent_ppo.py --core gru --env cartpole --out ppo_gru.json
+    python examples/recurrent_ppo.py --env cartpole --core gru
+    python examples/recurrent_ppo.py --env cartpole --core mop --out ppo_mop.json
+    python examples/recurrent_ppo.py --core lstm          # masked Pendulum
 
-Pendulum with only the angle observed (``cos θ, sin θ``; the angular velocity is removed by a
-TorchRL ``UnaryTransform`` on gymnasium's ``Pendulum-v1``), so the velocity has to be inferred
-from memory; ``--env cartpole``: ``CartPole-v1`` observing the cart position and the pole angle
-only, as in ``recurrent_dqn.py``. A ``TanhNormal`` (Pendulum) or categorical (CartPole) actor
-and a value head share an encoder and the recurrent core; the loss is TorchRL's ``ClipPPOLoss``
-on whole per-env sequences (it enters recurrent mode by itself) with advantages from ``GAE``,
-which does not: it runs inside ``set_recurrent_mode(True)``. Each task has its own defaults
-(``DEFAULTS``, after the recurrent-PPO settings of the RL Baselines3 Zoo for these masked tasks,
-with fewer epochs on Pendulum to fit a CPU budget); any flag overrides them.
+``--env cartpole``: gymnasium's ``CartPole-v1`` observing the cart position and the pole angle
+only (the RL Zoo's ``CartPoleNoVel``); Pendulum: ``Pendulum-v1`` observing ``cos θ, sin θ``
+only (``PendulumNoVel``). A TorchRL ``UnaryTransform`` drops the velocities, so they have to be
+inferred from memory. The recipe is the RL Zoo's recurrent PPO (``hyperparams/ppo_lstm.yml``,
+sb3-contrib's ``RecurrentPPO``) in TorchRL's parts: observations normalised by ``VecNorm``,
+rewards scaled by ``RewardScaling``; an actor ``core → Linear(64)+ReLU → head`` (categorical
+logits on CartPole, ``TanhNormal`` on Pendulum) and a critic with **its own** core
+(``enable_critic_lstm``); TorchRL's ``ClipPPOLoss`` (value loss 0.5·MSE, gradient norm 0.5) on
+whole per-env sequences (it enters recurrent mode by itself) with advantages from ``GAE``, which
+does not: it runs inside ``set_recurrent_mode(True)``. Each task has its own defaults
+(``DEFAULTS``); any flag overrides them.
 
-``GAE(..., deactivate_vmap=True)``: a recurrent critic fails under ``vmap`` in torchrl 0.14 (the
-GRU/LSTM modules too). Once ``MoPModule`` is vmappable (issue 13) the MoP core can drop the flag
-in ``make_advantage`` below; the baselines keep it. With ``--core mop`` the routing cost of the
-loss's own replay is added to the PPO loss in the plain form ``α·cost``
-(``routing_cost_loss(..., mode="plain")``; ``--alpha 0`` disables it): the paper's scaled form
-``α·cost/(ε + L)`` needs a positive performance measure ``L``, and the PPO total (surrogate +
-critic + entropy) is not one (it goes below 0, and below ``-ε``). The default α is
+``GAE(..., deactivate_vmap=True)``: a GRU/LSTM critic fails under ``vmap`` in torchrl 0.14.
+With ``--core mop`` the routing cost of the loss's own replay (both cores) is added to the PPO
+loss in the plain form ``α·cost`` (``routing_cost_loss(..., mode="plain")``; ``--alpha 0``
+disables it): the paper's scaled form ``α·cost/(ε + L)`` needs a positive performance measure
+``L``, and the PPO total (surrogate + critic + entropy) is not one. The default α is
 ``DEFAULT_RL_ALPHA``.
 """
 
@@ -31,7 +32,11 @@ import time
 from collections.abc import Sequence
 
 import torch
-from tensordict.nn import NormalParamExtractor, TensorDictModule, TensorDictSequential
+from tensordict.nn import (
+    NormalParamExtractor,
+    TensorDictModule,
+    TensorDictSequential,
+)
 from torch import nn
 from torch.distributions import Categorical
 from torchrl.collectors import Collector
@@ -46,29 +51,30 @@ from torchrl.envs import (
     StepCounter,
     TransformedEnv,
     UnaryTransform,
+    VecNorm,
 )
-from torchrl.modules import ProbabilisticActor, TanhNormal, set_recurrent_mode
+from torchrl.envs.utils import ExplorationType, set_exploration_type
+from torchrl.modules import (
+    GRUModule,
+    LSTMModule,
+    ProbabilisticActor,
+    TanhNormal,
+    set_recurrent_mode,
+)
 from torchrl.objectives import ClipPPOLoss
 from torchrl.objectives.value import GAE
 
-from mop_torchrl import MoPConfig, routing_cost_loss
-from mop_torchrl.babyai.policy import make_core
+from mop_torchrl import MoPConfig, MoPModule, routing_cost_loss
 from mop_torchrl.core.config import DEFAULT_RL_ALPHA
 
-# Parameter counts of the three cores (input 64): MoP 66k, GRU(120) 67k, LSTM(100) 66k.
-MOP = MoPConfig.from_preset("paper", input_dim=64, router_dim=16)  # layers "0,16,32" x 3, D=64
-BASELINE_HIDDEN = {"mop": 0, "gru": 120, "lstm": 100}
-
-
-# task: (gymnasium id, observation entries kept)
-TASKS = {"pendulum": ("Pendulum-v1", [0, 1]), "cartpole": ("CartPole-v1", [0, 2])}
+# task: (gymnasium id, observation entries kept, steps per episode at most)
+TASKS = {"pendulum": ("Pendulum-v1", [0, 1], 200), "cartpole": ("CartPole-v1", [0, 2], 500)}
 # Per-task defaults of the flags below (None there); a flag given on the command line wins.
-# CartPole follows the RL Zoo's recurrent PPO for CartPoleNoVel (8 envs x 32 steps, one
-# minibatch, gamma 0.98, lambda 0.8, lr 1e-3 annealed) with 10 epochs instead of 20; Pendulum
-# has 16 envs x 64 steps in 4 minibatches, 5 epochs (the Zoo's PendulumNoVel: 10 epochs of
-# 32 minibatches on 4 envs x 1024 steps). Frames sized for a MoP run of about
-# 5 minutes on one server core. Dev machine, one core, MoP / GRU ms per frame: CartPole 4.0 / 1.7
-# at 20 epochs (so about 2.3 / 1.0 at 10), Pendulum 1.8 / 0.65: updates cost MoP most.
+# CartPole is the RL Zoo's recurrent PPO for CartPoleNoVel (hyperparams/ppo_lstm.yml: 8 envs x
+# 32 steps in one minibatch of 256, gamma 0.98, lambda 0.8, 20 epochs, lr 1e-3 and clip 0.2
+# both linearly to 0, normalised observations and rewards); the schedules run over --frames.
+# Pendulum keeps the Zoo's gamma 0.9 and lambda 0.95 with 16 envs x 64 steps in 4 minibatches
+# and 5 epochs (the Zoo: 4 envs x 1024 steps, 10 epochs, gSDE) to fit a CPU budget.
 DEFAULTS = {
     "pendulum": {
         "frames": 245_760,
@@ -77,63 +83,104 @@ DEFAULTS = {
         "epochs": 5,
         "minibatches": 4,
         "lr": 1e-3,
+        "anneal_clip": False,
+        "reward_scale": 0.1,
         "gamma": 0.9,
         "lmbda": 0.95,
     },
     "cartpole": {
-        "frames": 204_800,
+        "frames": 122_880,
         "num_envs": 8,
         "steps_per_batch": 32,
-        "epochs": 10,
+        "epochs": 20,
         "minibatches": 1,
         "lr": 1e-3,
+        "anneal_clip": True,
+        "reward_scale": 0.1,
         "gamma": 0.98,
         "lmbda": 0.8,
     },
 }
 
 
-def make_env(task: str, num_envs: int, seed: int) -> TransformedEnv:
+def make_env(task: str, num_envs: int, seed: int, reward_scale: float) -> TransformedEnv:
     """``num_envs`` masked Pendulums (``cos θ, sin θ`` only) or CartPoles (cart position and
-    pole angle only); rewards scaled by 0.1 for the critic, ``episode_reward`` unscaled."""
-    env_id, kept = TASKS[task]
+    pole angle only). Observations are normalised by running statistics over all envs
+    (``VecNorm``, as the Zoo's ``VecNormalize``); rewards are scaled by ``reward_scale`` for
+    the critic (``VecNormalize`` divides by a running std of the return: about 0.1 on both
+    tasks; ``VecNorm`` on the reward would subtract its mean, which is CartPole's whole
+    reward), ``episode_reward`` stays unscaled."""
+    env_id, kept, _ = TASKS[task]
     env = TransformedEnv(
         SerialEnv(num_envs, lambda: GymEnv(env_id, categorical_action_encoding=True)),
         Compose(
             UnaryTransform(["observation"], ["observation"], fn=lambda obs: obs[..., kept]),
+            VecNorm(in_keys=["observation"], new_api=True, decay=1.0, reduce_batch_dims=True),
             InitTracker(),
             StepCounter(),
             RewardSum(),
-            RewardScaling(loc=0.0, scale=0.1),
+            RewardScaling(loc=0.0, scale=reward_scale),
         ),
     )
     env.set_seed(seed)
     return env
 
 
-def make_actor_critic(
-    core_kind: str, env: TransformedEnv
-) -> tuple[ProbabilisticActor, TensorDictSequential, nn.Module]:
-    """``observation → Linear+ReLU → core`` shared by the actor (``TanhNormal`` for continuous
-    actions, categorical logits for discrete ones) and a value head."""
-    encoder = TensorDictModule(
-        nn.Sequential(nn.Linear(2, 64), nn.ReLU()), ["observation"], ["embed"]
+def make_core(kind: str, obs_dim: int, hidden: int, name: str) -> nn.Module:
+    """A MoP, GRU or LSTM core reading ``observation`` and writing ``{name}_features``, its
+    hidden state under ``{name}_state`` (so the actor's and the critic's cores do not share
+    keys). MoP: the ``paper`` preset (``0,16,32`` x 3 blocks, D=64, router 16)."""
+    if kind == "mop":
+        config = MoPConfig.from_preset("paper", input_dim=obs_dim, router_dim=16)
+        return MoPModule(
+            config,
+            in_key="observation",
+            out_key=f"{name}_features",
+            state_key=f"{name}_state",
+            routing_key=f"{name}_routing",
+        )
+    if kind == "gru":
+        keys = [f"{name}_state"]
+        module = GRUModule
+    else:
+        keys = [f"{name}_state_h", f"{name}_state_c"]
+        module = LSTMModule
+    return module(
+        obs_dim,
+        hidden,
+        in_keys=["observation", *keys],
+        out_keys=[f"{name}_features", *[("next", k) for k in keys]],
     )
-    core, width = make_core(core_kind, 64, mop=MOP, gru_hidden_size=BASELINE_HIDDEN[core_kind])
+
+
+def make_actor_critic(
+    core_kind: str, env: TransformedEnv, hidden: int
+) -> tuple[ProbabilisticActor, TensorDictSequential, list[nn.Module]]:
+    """The Zoo's recurrent policy: ``observation → core → Linear(64)+ReLU → head`` for the
+    actor (``TanhNormal`` for continuous actions, categorical logits for discrete ones) and a
+    separate ``observation → core → Linear(64)+ReLU → value`` critic with its own core."""
+    obs_dim = env.observation_spec["observation"].shape[-1]
+    actor_core = make_core(core_kind, obs_dim, hidden, "actor")
+    critic_core = make_core(core_kind, obs_dim, hidden, "critic")
+    width = 64 if core_kind == "mop" else hidden
+
+    def mlp(out: int) -> nn.Module:
+        return nn.Sequential(nn.Linear(width, 64), nn.ReLU(), nn.Linear(64, out))
+
     action_spec = env.action_spec_unbatched
     if isinstance(action_spec, CategoricalSpec):
-        policy_head = TensorDictModule(nn.Linear(width, action_spec.n), ["features"], ["logits"])
+        policy_head = TensorDictModule(mlp(action_spec.n), ["actor_features"], ["logits"])
         dist_keys, dist_class, dist_kwargs = ["logits"], Categorical, {}
     else:
         policy_head = TensorDictModule(
-            nn.Sequential(nn.Linear(width, 2 * action_spec.shape[-1]), NormalParamExtractor()),
-            ["features"],
+            nn.Sequential(mlp(2 * action_spec.shape[-1]), NormalParamExtractor()),
+            ["actor_features"],
             ["loc", "scale"],
         )
         dist_keys, dist_class = ["loc", "scale"], TanhNormal
         dist_kwargs = {"low": action_spec.space.low, "high": action_spec.space.high}
     actor = ProbabilisticActor(
-        TensorDictSequential(encoder, core, policy_head),
+        TensorDictSequential(actor_core, policy_head),
         in_keys=dist_keys,
         spec=action_spec,
         distribution_class=dist_class,
@@ -141,9 +188,9 @@ def make_actor_critic(
         return_log_prob=True,
     )
     critic = TensorDictSequential(
-        encoder, core, TensorDictModule(nn.Linear(width, 1), ["features"], ["state_value"])
+        critic_core, TensorDictModule(mlp(1), ["critic_features"], ["state_value"])
     )
-    return actor, critic, core
+    return actor, critic, [actor_core, critic_core]
 
 
 def make_advantage(critic: TensorDictSequential, gamma: float, lmbda: float) -> GAE:
@@ -165,6 +212,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--anneal_lr", action=argparse.BooleanOptionalAction, default=True, help="linearly to 0"
     )
+    parser.add_argument(
+        "--anneal_clip",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="clip range linearly to 0",
+    )
+    parser.add_argument("--reward_scale", type=float, help="reward multiplier for the critic")
+    parser.add_argument("--hidden", type=int, default=64, help="GRU/LSTM hidden size")
     parser.add_argument("--gamma", type=float)
     parser.add_argument("--lmbda", type=float)
     parser.add_argument(
@@ -174,6 +229,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--max_wall_s", type=float, default=None, help="stop early (results kept) after this"
     )
+    parser.add_argument(
+        "--stop_return",
+        type=float,
+        default=None,
+        help="stop once the mean return of the last --stop_window episodes reaches this",
+    )
+    parser.add_argument("--stop_window", type=int, default=100)
     parser.add_argument("--out", help="write the learning curve and routing here (JSON)")
     args = parser.parse_args(argv)
     for name, value in DEFAULTS[args.env].items():
@@ -190,27 +252,43 @@ def main(argv: Sequence[str] | None = None) -> dict:
     torch.set_num_threads(1)
     # Subnormal activations made the recurrent updates ~4x slower on CPU (measured): flush them.
     torch.set_flush_denormal(True)
-    env = make_env(args.env, args.num_envs, args.seed)
-    actor, critic, core = make_actor_critic(args.core, env)
-    env.append_transform(core.make_tensordict_primer())
-    loss_fn = ClipPPOLoss(actor, critic, entropy_coeff=0.0, normalize_advantage=True)
+    env = make_env(args.env, args.num_envs, args.seed, args.reward_scale)
+    actor, critic, cores = make_actor_critic(args.core, env, args.hidden)
+    for core in cores:
+        env.append_transform(core.make_tensordict_primer())
+    # The Zoo's (SB3's) PPO: value loss 0.5 * MSE, gradient norm 0.5, Adam eps 1e-5.
+    loss_fn = ClipPPOLoss(
+        actor,
+        critic,
+        clip_epsilon=0.2,
+        entropy_coeff=0.0,
+        critic_coeff=0.5,
+        loss_critic_type="l2",
+        normalize_advantage=True,
+    )
     advantage = make_advantage(critic, args.gamma, args.lmbda)
-    optimizer = torch.optim.Adam(loss_fn.parameters(), lr=args.lr)
-    # The routing cost of the loss's own (differentiable) replay, captured from the core.
+    optimizer = torch.optim.Adam(loss_fn.parameters(), lr=args.lr, eps=1e-5)
+    # The routing cost of the loss's own (differentiable) replay, captured from the cores.
     costs: list[torch.Tensor] = []
     if args.core == "mop":
-        core.register_forward_hook(
-            lambda _m, _i, out: (
-                costs.append(out["routing", "cost"])
-                if out["routing", "cost"].requires_grad
-                else None
+        for core in cores:
+            core.register_forward_hook(
+                lambda m, _i, out: (
+                    costs.append(out[m.cost_key]) if out[m.cost_key].requires_grad else None
+                )
             )
-        )
     frames_per_batch = args.num_envs * args.steps_per_batch
-    collector = Collector(env, actor, frames_per_batch=frames_per_batch, total_frames=args.frames)
+    # The collector runs the critic too, so that its core's state is carried step by step and
+    # stored with the data (else the loss would replay the critic from zeros at every batch).
+    collector = Collector(
+        env,
+        TensorDictSequential(actor, critic),
+        frames_per_batch=frames_per_batch,
+        total_frames=args.frames,
+    )
 
     curve, losses, routing = [], [], []
-    frames, start = 0, time.perf_counter()
+    frames, start, reached = 0, time.perf_counter(), False
     for batch in collector:  # [env, time]
         if args.max_wall_s is not None and time.perf_counter() - start > args.max_wall_s:
             break
@@ -220,12 +298,16 @@ def main(argv: Sequence[str] | None = None) -> dict:
             step_frames = frames - frames_per_batch + (t + 1) * args.num_envs
             curve.append((step_frames, batch["next", "episode_reward"][env_i, t].item()))
         if args.core == "mop":
-            routing.append(
-                [batch["routing", f"block{b}"].mean((0, 1)) for b in range(MOP.num_blocks)]
-            )
+            keys = cores[0].routing_keys
+            routing.append([batch[key].mean((0, 1)) for key in keys])
+        # Linear schedules to 0 over --frames, from the frames seen before this batch.
+        remaining = 1 - (frames - frames_per_batch) / args.frames
         if args.anneal_lr:
             for group in optimizer.param_groups:
-                group["lr"] = args.lr * (1 - (frames - frames_per_batch) / args.frames)
+                group["lr"] = args.lr * remaining
+        if args.anneal_clip:
+            loss_fn.clip_epsilon.fill_(0.2 * remaining)
+        del batch["state_value"]  # the collection's value; GAE recomputes it for both steps
         with torch.no_grad(), set_recurrent_mode(True):
             advantage(batch)
         for _ in range(args.epochs):
@@ -238,16 +320,32 @@ def main(argv: Sequence[str] | None = None) -> dict:
                     loss = routing_cost_loss(loss, cost, args.alpha, mode="plain")
                 optimizer.zero_grad()
                 loss.backward()
-                nn.utils.clip_grad_norm_(loss_fn.parameters(), 1.0)
+                nn.utils.clip_grad_norm_(loss_fn.parameters(), 0.5)
                 optimizer.step()
                 losses.append(loss.item())
         recent = [r for _, r in curve[-20:]]
+        window = [r for _, r in curve[-args.stop_window :]]
+        reached = (
+            args.stop_return is not None
+            and len(window) == args.stop_window
+            and sum(window) / len(window) >= args.stop_return
+        )
         print(
             f"frames {frames:>7}  loss {losses[-1]:.4f}  "
             f"return(last 20) {sum(recent) / max(len(recent), 1):7.1f}  "
             f"{time.perf_counter() - start:5.0f} s",
             flush=True,
         )
+        if reached:
+            break
+    # The Zoo's figure: the final policy, deterministic (greedy / the mean action), one whole
+    # episode per env from a reset (each ends within the task's episode length).
+    with torch.no_grad(), set_exploration_type(ExplorationType.DETERMINISTIC):
+        rollout = env.rollout(TASKS[args.env][2], actor, break_when_any_done=False)
+    done = rollout["next", "done"].squeeze(-1)
+    ends = torch.where(done.any(-1), done.int().argmax(-1), done.shape[-1] - 1)
+    final_eval = rollout["next", "episode_reward"][torch.arange(args.num_envs), ends]
+    print(f"deterministic final policy: {final_eval.mean().item():.1f} ({args.num_envs} episodes)")
     result = {
         "task": f"masked {TASKS[args.env][0]}",
         "algo": "recurrent PPO",
@@ -255,9 +353,11 @@ def main(argv: Sequence[str] | None = None) -> dict:
         "seed": args.seed,
         "frames": frames,
         "stopped_early": frames < args.frames,
+        "reached_stop_return": reached,
         "wall_s": time.perf_counter() - start,
-        "params": sum(p.numel() for p in core.parameters()),
+        "params": sum(p.numel() for core in cores for p in core.parameters()),
         "curve": curve,
+        "final_eval": final_eval.squeeze(-1).tolist(),
         "losses": losses,
         "routing": [torch.stack(block).mean(0).tolist() for block in zip(*routing[-5:])],
     }

@@ -44,10 +44,6 @@ def load_example(name: str):
 
 
 SMOKE = {
-    "recurrent_dqn": [
-        *("--frames", "256", "--num_envs", "4", "--steps_per_batch", "8"),
-        *("--warmup", "64", "--slices", "4", "--slice_len", "8"),
-    ],
     "recurrent_ppo": [
         *("--frames", "128", "--num_envs", "4", "--steps_per_batch", "16"),
         *("--epochs", "1", "--minibatches", "2"),
@@ -69,7 +65,8 @@ def test_recurrent_recipe_smoke(example, core, tmp_path):
     # (within an episode), zero at episode starts, and not zero everywhere (recurrence alive)
     batch = result["last_batch"]  # [env, time]
     is_init = batch["is_init"].squeeze(-1)
-    state = batch.select("recurrent_state")
+    # the actor's and the critic's cores keep their states under their own keys
+    state = batch.select("actor_state", "critic_state")
     keys = list(state.keys(include_nested=True, leaves_only=True))
     assert keys, "the core's hidden state is missing from the collected data"
     carried = ~is_init[:, 1:]

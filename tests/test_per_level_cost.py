@@ -286,7 +286,7 @@ def test_rl_uses_the_plain_form_with_its_own_default_alpha(tiny_config):
     )
 
 
-@pytest.mark.parametrize("example", ["recurrent_ppo", "recurrent_dqn"])
+@pytest.mark.parametrize("example", ["recurrent_ppo"])
 def test_rl_examples_default_to_the_rl_alpha(example):
     from test_examples import load_example
 
@@ -296,7 +296,7 @@ def test_rl_examples_default_to_the_rl_alpha(example):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("example", ["recurrent_ppo_cartpole", "recurrent_dqn"])
+@pytest.mark.parametrize("example", ["recurrent_ppo_cartpole"])
 def test_rl_examples_add_the_cost_in_the_plain_form(example, monkeypatch):
     from test_examples import SMOKE, load_example
 
