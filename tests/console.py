@@ -13,10 +13,10 @@ Anything the warm interpreter printed while importing would have been printed by
 too: if there is any, or it has started a thread, the helper starts real processes instead, so
 no output can be hidden.
 
-``MOP_TEST_FRESH_PROCESSES=1`` makes every call start a fresh interpreter instead (the same
-results, minutes slower); the tests that signal a run or hold its lock (``test_signals.py``,
-``test_lock_diskfull.py``) always start the real script with :class:`subprocess.Popen`, and
-``test_console_helper.py`` checks that both ways print the same.
+:func:`start` starts one without waiting (the signal and lock tests: a child in a session of
+its own, signalled and polled like a :class:`subprocess.Popen`). ``MOP_TEST_FRESH_PROCESSES=1``
+makes every call start a fresh interpreter instead (the same results, minutes slower);
+``test_console_helper.py`` checks that both ways print and exit the same.
 """
 
 from __future__ import annotations
@@ -26,10 +26,13 @@ import json
 import locale
 import os
 import select
+import signal
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
+from typing import Any
 
 SCRIPT = str(Path(sys.executable).parent / "mop-torchrl")
 QUIET = {**os.environ, "TQDM_DISABLE": "1"}
@@ -46,7 +49,7 @@ them (what ``train``, ``eval`` and ``demos`` import anyway; ``routes`` imports p
 matplotlib itself)."""
 
 _WARM = r"""
-import atexit, importlib, json, os, sys, threading
+import atexit, importlib, json, os, select, sys, threading
 
 script, requests_fd, replies_fd, *preload = sys.argv[1:]
 sys.path[0] = os.path.dirname(script)  # as when the script runs: its folder first
@@ -69,12 +72,14 @@ def exit_code(code):
 def run(request):
     for fd, path, flags in (
         (0, os.devnull, os.O_RDONLY),
-        (1, request["stdout"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC),
-        (2, request["stderr"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC),
+        (1, request["stdout"] or os.devnull, os.O_WRONLY | os.O_CREAT | os.O_TRUNC),
+        (2, request["stderr"] or os.devnull, os.O_WRONLY | os.O_CREAT | os.O_TRUNC),
     ):
         new = os.open(path, flags, 0o600)
         os.dup2(new, fd)
         os.close(new)
+    if request["new_session"]:
+        os.setsid()
     os.chdir(request["cwd"])
     os.environ.clear()
     os.environ.update(request["env"])
@@ -101,37 +106,56 @@ def run(request):
     return code
 
 
-tasks = os.listdir("/proc/self/task")
-with os.fdopen(int(requests_fd)) as requests, os.fdopen(int(replies_fd), "w") as replies:
-    replies.write(json.dumps({"threads": threading.active_count(), "tasks": len(tasks)}) + "\n")
+def serve(requests_fd, replies):
+    # a child per request line; replies with its pid, then with its exit status
+    children, pending = {}, b""
+    while True:
+        ready, _, _ = select.select([requests_fd], [], [], 0.02 if children else None)
+        if ready:
+            chunk = os.read(requests_fd, 65536)
+            if not chunk:
+                return
+            pending += chunk
+        while b"\n" in pending:
+            line, pending = pending.split(b"\n", 1)
+            request = json.loads(line)
+            pid = os.fork()
+            if pid == 0:
+                code = 70
+                try:
+                    os.close(requests_fd)
+                    os.close(replies.fileno())
+                    code = run(request)
+                finally:
+                    os._exit(code)
+            children[pid] = request["id"]
+            replies.write(json.dumps({"id": request["id"], "pid": pid}) + "\n")
+            replies.flush()
+        while children:
+            pid, status = os.waitpid(-1, os.WNOHANG)
+            if pid == 0:
+                break
+            code = os.waitstatus_to_exitcode(status)
+            replies.write(json.dumps({"id": children.pop(pid), "returncode": code}) + "\n")
+            replies.flush()
+
+
+with os.fdopen(int(replies_fd), "w") as replies:
+    replies.write(json.dumps({"threads": threading.active_count()}) + "\n")
     replies.flush()
-    for line in requests:
-        pid = os.fork()
-        if pid == 0:
-            code = 70
-            try:
-                requests.close()
-                os.close(int(replies_fd))
-                code = run(json.loads(line))
-            finally:
-                os._exit(code)
-        replies.write(json.dumps({"pid": pid}) + "\n")
-        replies.flush()
-        _, status = os.waitpid(pid, 0)
-        replies.write(json.dumps({"returncode": os.waitstatus_to_exitcode(status)}) + "\n")
-        replies.flush()
+    serve(int(requests_fd), replies)
 """
 
 
 class _Warm:
-    """One warm interpreter for one environment: ``run`` forks a child per command."""
+    """One warm interpreter for one environment: it forks a child per command."""
 
     def __init__(self, env: dict[str, str]) -> None:
         requests_r, self._requests = os.pipe()
         self._replies, replies_w = os.pipe()
-        self._dir = tempfile.TemporaryDirectory(prefix="mop-console-")
-        self._import_output = Path(self._dir.name) / "import-output"
-        with open(self._import_output, "wb") as output:
+        self.dir = tempfile.TemporaryDirectory(prefix="mop-console-")
+        import_output = Path(self.dir.name) / "import-output"
+        with open(import_output, "wb") as output:
             self.proc = subprocess.Popen(
                 [sys.executable, "-c", _WARM, SCRIPT, str(requests_r), str(replies_w), *PRELOAD],
                 stdin=subprocess.DEVNULL,
@@ -143,50 +167,58 @@ class _Warm:
         os.close(requests_r)
         os.close(replies_w)
         self._buffer = b""
-        ready = self._reply(timeout=600)
-        printed = self._import_output.read_bytes()
+        self._children: dict[int, dict] = {}
+        ready = self._read(timeout=600)
         # Fork safely: no Python thread besides the main one, and nothing printed while
         # importing (a fresh process would have printed it: the caller must see it).
-        self.usable = ready is not None and ready["threads"] == 1 and not printed
-        self._calls = 0
+        self.usable = (
+            ready is not None and ready["threads"] == 1 and not import_output.stat().st_size
+        )
 
-    def _reply(self, timeout: float | None) -> dict | None:
+    def _read(self, timeout: float | None) -> dict | None:
+        """The next reply line, or None after ``timeout`` seconds."""
         while b"\n" not in self._buffer:
             ready, _, _ = select.select([self._replies], [], [], timeout)
             if not ready:
                 return None
             chunk = os.read(self._replies, 65536)
             if not chunk:
-                return None
+                raise RuntimeError(f"the warm interpreter ended: {self.proc.wait()}")
             self._buffer += chunk
         line, self._buffer = self._buffer.split(b"\n", 1)
         return json.loads(line)
 
-    def run(
-        self, args: list[str], env: dict[str, str], timeout: float
-    ) -> subprocess.CompletedProcess:
-        self._calls += 1
-        out = Path(self._dir.name) / f"{self._calls}.stdout"
-        err = Path(self._dir.name) / f"{self._calls}.stderr"
+    def reply(self, child: int, key: str, timeout: float | None) -> Any:
+        """``key`` ("pid" or "returncode") of ``child``, or None after ``timeout`` seconds."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while key not in self._children[child]:
+            left = None if deadline is None else max(deadline - time.monotonic(), 0)
+            reply = self._read(left)
+            if reply is None:
+                return None
+            self._children[reply.pop("id")].update(reply)
+        return self._children[child][key]
+
+    def start(self, args: list[str], env: dict[str, str], new_session: bool, stdout: bool,
+              stderr: bool) -> Started:  # fmt: skip
+        child = len(self._children)
+        self._children[child] = {}
+        out = Path(self.dir.name) / f"{child}.stdout" if stdout else None
+        err = Path(self.dir.name) / f"{child}.stderr" if stderr else None
         request = {
+            "id": child,
             "args": args,
             "env": env,
             "cwd": os.getcwd(),
-            "stdout": str(out),
-            "stderr": str(err),
+            "new_session": new_session,
+            "stdout": out and str(out),
+            "stderr": err and str(err),
         }
         os.write(self._requests, (json.dumps(request) + "\n").encode())
-        pid = self._reply(timeout=60)
+        pid = self.reply(child, "pid", timeout=60)
         if pid is None:
             raise RuntimeError(f"the warm interpreter did not fork: {self.proc.poll()}")
-        done = self._reply(timeout=timeout)
-        if done is None:
-            os.kill(pid["pid"], 9)
-            self._reply(timeout=60)
-            raise subprocess.TimeoutExpired([SCRIPT, *args], timeout, _text(out), _text(err))
-        return subprocess.CompletedProcess(
-            [SCRIPT, *args], done["returncode"], _text(out), _text(err)
-        )
+        return Started(self, child, pid, [SCRIPT, *args], out, err)
 
     def close(self) -> None:
         os.close(self._requests)
@@ -196,7 +228,49 @@ class _Warm:
             self.proc.kill()
             self.proc.wait()
         os.close(self._replies)
-        self._dir.cleanup()
+        self.dir.cleanup()
+
+
+class Started:
+    """A console script started by :func:`start` from a warm interpreter: the parts of
+    :class:`subprocess.Popen` the tests use (``pid``, ``returncode``, ``poll``, ``wait``,
+    ``communicate``, ``send_signal``, ``kill``), with text output."""
+
+    def __init__(self, warm: _Warm, child: int, pid: int, args: list[str],
+                 stdout: Path | None, stderr: Path | None) -> None:  # fmt: skip
+        self._warm, self._child, self.pid, self.args = warm, child, pid, args
+        self._stdout, self._stderr = stdout, stderr
+        self.returncode: int | None = None
+
+    def poll(self) -> int | None:
+        if self.returncode is None:
+            self.returncode = self._warm.reply(self._child, "returncode", timeout=0)
+        return self.returncode
+
+    def wait(self, timeout: float | None = None) -> int:
+        if self.returncode is None:
+            self.returncode = self._warm.reply(self._child, "returncode", timeout)
+        if self.returncode is None:
+            raise subprocess.TimeoutExpired(self.args, timeout)
+        return self.returncode
+
+    def communicate(self, timeout: float | None = None) -> tuple[str | None, str | None]:
+        try:
+            self.wait(timeout)
+        except subprocess.TimeoutExpired as err:
+            err.output, err.stderr = self._output()
+            raise
+        return self._output()
+
+    def _output(self) -> tuple[str | None, str | None]:
+        return tuple(None if path is None else _text(path) for path in (self._stdout, self._stderr))
+
+    def send_signal(self, sig: int) -> None:
+        if self.poll() is None:
+            os.kill(self.pid, sig)
+
+    def kill(self) -> None:
+        self.send_signal(signal.SIGKILL)
 
 
 def _text(path: Path) -> str:
@@ -233,19 +307,44 @@ def _close_warm() -> None:
     _warm.clear()
 
 
+def start(
+    *args: object,
+    env: dict[str, str] | None = None,
+    new_session: bool = False,
+    stdout: bool = False,
+    stderr: bool = True,
+) -> Started | subprocess.Popen:
+    """Starts ``mop-torchrl *args`` in a new process (in ``env``, by default this process's
+    environment; with ``new_session``, in a session of its own, as ``start_new_session``)
+    capturing its stdout and stderr as text where asked to, else discarding them."""
+    argv = list(map(str, args))
+    env = dict(os.environ if env is None else env)
+    warm = None if os.environ.get("MOP_TEST_FRESH_PROCESSES") == "1" else _warm_for(env)
+    if warm is None:
+        return subprocess.Popen(
+            [SCRIPT, *argv],
+            stdout=subprocess.PIPE if stdout else subprocess.DEVNULL,
+            stderr=subprocess.PIPE if stderr else subprocess.DEVNULL,
+            text=True,
+            env=env,
+            start_new_session=new_session,
+        )
+    return warm.start(argv, env, new_session, stdout, stderr)
+
+
 def cli(
     *args: object, timeout: float = 900, env: dict[str, str] | None = None
 ) -> subprocess.CompletedProcess:
     """Runs ``mop-torchrl *args`` to the end in a new process (in ``env``, by default this
     process's environment), capturing its output as text."""
-    argv = list(map(str, args))
-    env = dict(os.environ if env is None else env)
-    warm = None if os.environ.get("MOP_TEST_FRESH_PROCESSES") == "1" else _warm_for(env)
-    if warm is None:
-        return subprocess.run(
-            [SCRIPT, *argv], capture_output=True, text=True, timeout=timeout, env=env
-        )
-    return warm.run(argv, env, timeout)
+    proc = start(*args, env=env, stdout=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.communicate()
+        raise
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
 
 def assert_one_line_error(result: subprocess.CompletedProcess, match: str, code: int = 1) -> str:

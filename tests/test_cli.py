@@ -10,14 +10,13 @@ import contextlib
 import io
 import os
 import signal
-import subprocess
 import time
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
-from console import SCRIPT, assert_one_line_error, cli
+from console import Started, assert_one_line_error, cli, start
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from tiny import tiny_flags, tiny_settings
@@ -177,7 +176,7 @@ def test_untrusted_checkpoint_cannot_run_code(tmp_path):
     assert not _Exploit.marker.exists()
 
 
-def _wait_for_rows(path: Path, rows: int, proc: subprocess.Popen, timeout: float = 900) -> None:
+def _wait_for_rows(path: Path, rows: int, proc: Started, timeout: float = 900) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         assert proc.poll() is None, proc.communicate()
@@ -197,12 +196,7 @@ def _logged_steps(run_dir: Path) -> list[int]:
 def test_sigint_saves_the_current_update_and_exits_130(tmp_path):
     run_dir = tmp_path / "run"
     args = ["train", *TINY_FLAGS, "--num_updates=200", "--checkpoint_interval=100"]
-    proc = subprocess.Popen(
-        [SCRIPT, *args, "--run_dir", tmp_path, "--run_name", "run"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    proc = start(*args, "--run_dir", tmp_path, "--run_name", "run", stdout=True)
     _wait_for_rows(run_dir / "logs" / "scalars" / "train" / "loss.csv", 2, proc)
     proc.send_signal(signal.SIGINT)
     _, stderr = proc.communicate(timeout=900)
@@ -221,11 +215,7 @@ def test_sigint_saves_the_current_update_and_exits_130(tmp_path):
 def test_killed_run_resumes_with_each_update_logged_once(tmp_path):
     run_dir = tmp_path / "run"
     args = ["train", *TINY_FLAGS, "--num_updates=14", "--checkpoint_interval=6"]
-    proc = subprocess.Popen(
-        [SCRIPT, *args, "--run_dir", tmp_path, "--run_name", "run"],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    proc = start(*args, "--run_dir", tmp_path, "--run_name", "run", stderr=False)
     _wait_for_rows(run_dir / "logs" / "scalars" / "train" / "loss.csv", 7, proc)
     proc.send_signal(signal.SIGKILL)  # after the checkpoint of update 6, well before 12
     proc.wait()

@@ -99,30 +99,35 @@ def test_a_run_folder_in_use_is_refused_and_freed_by_any_exit(tmp_path):
 def test_lock_is_per_process_and_released_with_the_loop(tiny_config):
     """Another process (a child here) is refused while a run holds its folder; the loop's end
     releases it; in one interpreter a folder taken again passes the lock on."""
-    take = (
-        "import sys, time; from pathlib import Path; from mop_torchrl.train.run_folder import RunLock\n"
-        "try: RunLock.take(Path(sys.argv[1]))\n"
-        "except Exception as err: print(type(err).__name__, err); sys.exit(3)\n"
-        "print('locked', flush=True); time.sleep(float(sys.argv[2]))"
+    take = (  # one child, one attempt per line read; a lock taken is kept
+        "import sys; from pathlib import Path; from mop_torchrl.train.run_folder import RunLock\n"
+        "held = []\n"
+        "for line in sys.stdin:\n"
+        "    try: held.append(RunLock.take(Path(sys.argv[1])))\n"
+        "    except Exception as err: print(type(err).__name__, err, flush=True)\n"
+        "    else: print('locked', flush=True)\n"
     )
     run = Run(tiny_config(num_updates=1))
-    held = subprocess.run(
-        [sys.executable, "-c", take, str(run.dir), "0"], capture_output=True, text=True
-    )
-    assert held.returncode == 3 and "RunError" in held.stdout and "in use" in held.stdout
-    actor, critic = build_policy(run.config)
-    modules = {"actor": actor, "critic": critic}
-    with run.updates(modules, torch.optim.Adam(actor.parameters())):
-        pass
-    free = subprocess.run(
-        [sys.executable, "-c", take, str(run.dir), "0"], capture_output=True, text=True
-    )
-    assert free.returncode == 0, free.stdout
     child = subprocess.Popen(
-        [sys.executable, "-c", take, str(run.dir), "60"], stdout=subprocess.PIPE, text=True
+        [sys.executable, "-c", take, str(run.dir)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
     )
+
+    def child_takes() -> str:
+        child.stdin.write("take\n")
+        child.stdin.flush()
+        return child.stdout.readline().strip()
+
     try:
-        assert child.stdout.readline().strip() == "locked"
+        held = child_takes()
+        assert held.startswith("RunError") and "in use" in held, held
+        actor, critic = build_policy(run.config)
+        modules = {"actor": actor, "critic": critic}
+        with run.updates(modules, torch.optim.Adam(actor.parameters())):
+            pass
+        assert child_takes() == "locked"  # freed by the loop's end
         with pytest.raises(RunError, match="is in use by another process"):
             RunLock.take(run.dir)
     finally:

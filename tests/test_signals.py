@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
-from console import QUIET, SCRIPT, cli
+from console import QUIET, Started, cli, start
 from tiny import tiny_flags
 
 from mop_torchrl.train.checkpoint import load_checkpoint
@@ -59,20 +59,16 @@ def logged_steps(run_dir: Path) -> list[int]:
     return [int(line.split(",")[0]) for line in path.read_text().splitlines()]
 
 
-def start_run(run_dir: Path, *flags: str) -> subprocess.Popen:
+def start_run(run_dir: Path, *flags: str) -> Started:
     """The console script training in its own session (its pid is the process group's id)."""
     args = [*tiny_flags(), "--num_updates=400", "--checkpoint_interval=100", *flags]
-    return subprocess.Popen(
-        [SCRIPT, "train", *args, "--run_dir", str(run_dir.parent), "--run_name", run_dir.name],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=QUIET,
-        start_new_session=True,
-    )
+    return start(
+        "train", *args, "--run_dir", run_dir.parent, "--run_name", run_dir.name,
+        env=QUIET, new_session=True,
+    )  # fmt: skip
 
 
-def wait_for_updates(run_dir: Path, proc: subprocess.Popen, updates: int, timeout=300) -> None:
+def wait_for_updates(run_dir: Path, proc: Started, updates: int, timeout=300) -> None:
     deadline = time.monotonic() + timeout
     while len(logged_steps(run_dir)) < updates:
         assert proc.poll() is None, proc.communicate()
@@ -80,7 +76,7 @@ def wait_for_updates(run_dir: Path, proc: subprocess.Popen, updates: int, timeou
         time.sleep(0.1)
 
 
-def end_session(proc: subprocess.Popen, timeout: float = 120) -> tuple[str, list[str]]:
+def end_session(proc: Started, timeout: float = 120) -> tuple[str, list[str]]:
     """Waits for the script, then for its session to empty; returns (stderr, leftovers), and
     kills any leftover so that a failing test leaves nothing running."""
     try:
