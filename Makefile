@@ -22,8 +22,10 @@ format: $(STAMP)
 	$(BIN)/ruff format mop_torchrl tests benchmarks examples
 	$(BIN)/ruff check --fix mop_torchrl tests benchmarks examples
 
+# Two pytest-xdist workers (tests/conftest.py says which tests share one); the suite is mostly
+# processes starting and waiting, so two workers overlap well on 2 cores.
 test: lint
-	$(BIN)/python -m pytest --doctest-modules mop_torchrl tests
+	$(BIN)/python -m pytest -n 2 --doctest-modules mop_torchrl tests
 
 # The unit tier while editing: no test marked slow or subprocess (seconds, not minutes).
 test-fast: lint

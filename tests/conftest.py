@@ -1,6 +1,9 @@
 from __future__ import annotations
 
+import fcntl
+import tempfile
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -25,3 +28,37 @@ def tiny_config(tmp_path) -> Callable[..., Any]:
         return TrainConfig.from_dict(tiny_settings(run_dir=str(tmp_path), **overrides))
 
     return make
+
+
+@pytest.fixture(autouse=True)
+def _one_cluster_at_a_time(request):
+    """A test marked ``cluster`` (Ray or torch.distributed workers) waits for any other such test
+    to end, in any pytest process of this machine (``make test`` runs two xdist workers)."""
+    if request.node.get_closest_marker("cluster") is None:
+        yield
+        return
+    with open(Path(tempfile.gettempdir()) / "mop_torchrl-tests-cluster.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
+SHARED = {
+    f"tests/{path.name}"
+    for path in Path(__file__).parent.glob("test_*.py")
+    if 'scope="module"' in path.read_text()
+}
+"""The test modules with a module-scoped fixture (a trained run, demos, a recording)."""
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    """``make test``'s two pytest-xdist workers take the tests one at a time, except that a
+    module of :data:`SHARED` goes to one worker whole, so its fixture is made once."""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class OneWorkerPerSharedModule(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            module = nodeid.split("::", 1)[0]
+            return module if module in SHARED else nodeid
+
+    return OneWorkerPerSharedModule(config, log)

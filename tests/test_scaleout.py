@@ -19,6 +19,7 @@ from mop_torchrl.train.policy import build_policy
 
 TINY = tiny_settings()
 HAS_RAY = importlib.util.find_spec("ray") is not None
+CLUSTER = pytest.mark.cluster  # one at a time (tests/conftest.py)
 
 
 def replay_logits(actor, data):
@@ -65,13 +66,17 @@ def assert_labels_from_own_bot(config, data, seed):
 @pytest.mark.parametrize(
     "backend",
     [
-        "distributed",
+        pytest.param("distributed", marks=CLUSTER),
         "multiprocess",
         pytest.param(
             "ray",
-            marks=pytest.mark.skipif(
-                not HAS_RAY, reason="ray is not installed (pip install 'mop-torchrl[distributed]')"
-            ),
+            marks=[
+                CLUSTER,
+                pytest.mark.skipif(
+                    not HAS_RAY,
+                    reason="ray is not installed (pip install 'mop-torchrl[distributed]')",
+                ),
+            ],
         ),
     ],
 )
@@ -154,6 +159,7 @@ def test_train_multiprocess_end_to_end(tmp_path):
 )
 @pytest.mark.subprocess
 @pytest.mark.slow
+@CLUSTER
 def test_ray_run_prints_a_screenful(tmp_path):
     """Worker output stays quiet by default: Ray prefixed each worker log line with the
     collector's ~145-line repr (~1,900 lines for 6 updates); the whole run now fits a screen."""

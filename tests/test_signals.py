@@ -31,6 +31,7 @@ BACKENDS = {
     "distributed": ["--backend=distributed", "--num_workers=2"],
     "ray": ["--backend=ray", "--num_workers=2"],
 }
+CLUSTER = pytest.mark.cluster  # one at a time (tests/conftest.py)
 MESSAGES = {signal.SIGINT: "interrupted", signal.SIGTERM: "terminated (SIGTERM)"}
 
 
@@ -93,7 +94,10 @@ def end_session(proc: Started, timeout: float = 120) -> tuple[str, list[str]]:
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
-@pytest.mark.parametrize("backend", list(BACKENDS))
+@pytest.mark.parametrize(
+    "backend",
+    [pytest.param(b, marks=CLUSTER) if b in ("distributed", "ray") else b for b in BACKENDS],
+)
 def test_signal_to_the_process_group_saves_and_exits(tmp_path, backend, sig):
     if backend == "ray" and importlib.util.find_spec("ray") is None:
         pytest.skip("ray is not installed")
