@@ -43,7 +43,7 @@ from mop_torchrl.train.checkpoint import load_checkpoint
 from mop_torchrl.train.collection import env_factories, make_collector, segment_batches
 from mop_torchrl.train.config import load_config
 from mop_torchrl.train.dagger import DaggerDataset
-from mop_torchrl.train.losses import ImitationLoss, total_loss
+from mop_torchrl.train.losses import imitation_loss, total_loss
 from mop_torchrl.train.policy import build_policy
 
 SHIPPED = Path(__file__).resolve().parents[1] / "configs" / "go_to_local_mop.yaml"
@@ -96,9 +96,7 @@ def learner_rate(config: TrainConfig, updates: int) -> dict[str, float]:
     two collected batches (the update's cost does not depend on how full it is)."""
     torch.manual_seed(config.seed)
     actor = build_policy(config)[0]
-    loss_module = ImitationLoss(
-        actor, alpha=config.alpha, epsilon=config.epsilon, cost_mode=config.cost_mode
-    )
+    loss_module = imitation_loss(actor, config)
     optimizer = torch.optim.Adam(actor.parameters(), lr=config.lr, fused=True)
     dataset = DaggerDataset(
         actor.in_keys, config.buffer_frames, config.slice_len, config.burn_in, config.batch_slices

@@ -208,6 +208,16 @@ class MoPBlock(nn.Module):
             total = total + weights[..., i : i + 1] * out
         return self.norm(total)
 
+    def _identity_part(
+        self, x: torch.Tensor, weights: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``x + (Σ w_identity) x`` (just ``x`` without identity experts) and the stateful
+        experts' weights: what both flat mixes start from (``x``, ``weights`` ``[N, ...]``)."""
+        if len(self.stateful_experts) == len(self.sizes):
+            return x, weights
+        total = torch.addcmul(x, x, weights @ self.identity_mask.unsqueeze(-1))
+        return total, weights.index_select(-1, self.stateful_index)
+
     def fused_mix(
         self, x: torch.Tensor, expert_states: list[torch.Tensor], weights: torch.Tensor
     ) -> torch.Tensor:
@@ -216,10 +226,7 @@ class MoPBlock(nn.Module):
         shape = x.shape
         x, weights = x.reshape(-1, shape[-1]), weights.reshape(-1, weights.shape[-1])
         experts = [self.experts[i] for i in self.stateful_experts]
-        total, stateful_weights = x, weights
-        if len(experts) < len(self.sizes):  # identity experts add (Σ w_id) x
-            total = torch.addcmul(x, x, weights @ self.identity_mask.unsqueeze(-1))
-            stateful_weights = weights.index_select(-1, self.stateful_index)
+        total, stateful_weights = self._identity_part(x, weights)
         if experts:
             biases = torch.stack([expert.proj.bias for expert in experts])
             total = torch.addmm(total, stateful_weights, biases)
@@ -237,10 +244,7 @@ class MoPBlock(nn.Module):
         shape = x.shape
         x, weights = x.reshape(-1, shape[-1]), weights.reshape(-1, weights.shape[-1])
         experts = [self.experts[i] for i in self.stateful_experts]
-        total, stateful_weights = x, weights
-        if len(experts) < len(self.sizes):  # identity experts add (Σ w_id) x
-            total = torch.addcmul(x, x, weights @ self.identity_mask.unsqueeze(-1))
-            stateful_weights = weights.index_select(-1, self.stateful_index)
+        total, stateful_weights = self._identity_part(x, weights)
         if experts:
             normed = [e.norm(h.reshape(-1, h.shape[-1])) for e, h in zip(experts, expert_states)]
             act = F.relu(torch.cat(normed, -1)) * weights.index_select(-1, self.segment_expert)

@@ -16,7 +16,7 @@ from torch import nn
 
 from mop_torchrl.babyai.demos import open_demos, sample_sequences
 from mop_torchrl.train.config import TrainConfig
-from mop_torchrl.train.losses import ImitationLoss, total_loss
+from mop_torchrl.train.losses import imitation_loss, total_loss
 from mop_torchrl.train.policy import build_policy
 from mop_torchrl.train.run import Run, check_finite
 from mop_torchrl.train.stats import MetricMeans
@@ -29,14 +29,7 @@ def train_bc(config: TrainConfig, resume: bool = False) -> Path:
     run = Run(config, resume)
     torch.manual_seed(config.seed)
     actor, critic = build_policy(config)
-    loss_module = ImitationLoss(
-        actor,
-        alpha=config.alpha,
-        epsilon=config.epsilon,
-        cost_mode=config.cost_mode,
-        cost_scaling=config.cost_scaling,
-        num_levels=len(config.levels),
-    )
+    loss_module = imitation_loss(actor, config)
     optimizer = torch.optim.Adam(actor.parameters(), lr=config.lr)
     modules = {"actor": actor, "critic": critic}
     run.restore(modules, optimizer)

@@ -26,7 +26,7 @@ from torch import nn
 from mop_torchrl.train.collection import segment_batches
 from mop_torchrl.train.config import TrainConfig
 from mop_torchrl.train.dagger import BotMixer, DaggerDataset, dagger_beta
-from mop_torchrl.train.losses import ImitationLoss, total_loss
+from mop_torchrl.train.losses import imitation_loss, total_loss
 from mop_torchrl.train.policy import build_policy
 from mop_torchrl.train.run import Run, check_finite
 from mop_torchrl.train.stats import EpisodeStats, MetricMeans
@@ -39,14 +39,7 @@ def train_imitation(config: TrainConfig, resume: bool = False) -> Path:
     run = Run(config, resume)
     torch.manual_seed(config.seed)
     actor, critic = build_policy(config)
-    loss_module = ImitationLoss(
-        actor,
-        alpha=config.alpha,
-        epsilon=config.epsilon,
-        cost_mode=config.cost_mode,
-        cost_scaling=config.cost_scaling,
-        num_levels=len(config.levels),
-    )
+    loss_module = imitation_loss(actor, config)
     # fused: one kernel over all 88 tensors (1.5 ms a step instead of 8.5 here; same math)
     optimizer = torch.optim.Adam(actor.parameters(), lr=config.lr, fused=True)
     modules = {"actor": actor, "critic": critic}

@@ -23,8 +23,15 @@ from torchrl.objectives import ClipPPOLoss, LossModule
 
 from mop_torchrl.core.config import DEFAULT_ALPHA, DEFAULT_RL_ALPHA
 from mop_torchrl.core.model import grouped_routing_cost_loss, routing_cost_loss
+from mop_torchrl.train.config import TrainConfig
 
-__all__ = ["ImitationLoss", "RoutingClipPPOLoss", "routing_metrics", "total_loss"]
+__all__ = [
+    "ImitationLoss",
+    "RoutingClipPPOLoss",
+    "imitation_loss",
+    "routing_metrics",
+    "total_loss",
+]
 
 
 def routing_metrics(
@@ -242,6 +249,19 @@ class ImitationLoss(LossModule):
             self.cost_mode,
         )
         return total - task
+
+
+def imitation_loss(actor: ProbabilisticTensorDictSequential, config: TrainConfig) -> ImitationLoss:
+    """The run's :class:`ImitationLoss` for ``actor``: the config's α, ε, cost form and
+    scaling, and its number of levels (one place for the DAgger and BC loops)."""
+    return ImitationLoss(
+        actor,
+        alpha=config.alpha,
+        epsilon=config.epsilon,
+        cost_mode=config.cost_mode,
+        cost_scaling=config.cost_scaling,
+        num_levels=len(config.levels),
+    )
 
 
 class RoutingClipPPOLoss(ClipPPOLoss):
