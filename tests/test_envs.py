@@ -2,9 +2,10 @@ import numpy as np
 import pytest
 import torch
 from minigrid.utils.baby_ai_bot import BabyAIBot
-from torchrl.envs import ParallelEnv, SerialEnv
+from torchrl.envs import ParallelEnv
 from torchrl.envs.utils import check_env_specs
 
+from mop_torchrl.babyai.batched import BabyAIBatchedEnv
 from mop_torchrl.babyai.envs import make_babyai_env, worker_seeds
 from mop_torchrl.babyai.levels import babyai_levels, resolve_level
 from mop_torchrl.babyai.tokenizer import MAX_MISSION_TOKENS, MissionTokenizer
@@ -60,11 +61,11 @@ def test_single_env_specs_and_keys():
     assert (td["bot_solution_length"] > 0).all()
 
 
-def test_serial_env_seeding_is_deterministic_and_distinct():
+def test_in_process_env_seeding_is_deterministic_and_distinct():
     def first_obs(seed):
         env = make_babyai_env(LEVEL, num_envs=3, seed=seed, parallel=False)
         try:
-            assert isinstance(env.base_env, SerialEnv)
+            assert isinstance(env.base_env, BabyAIBatchedEnv)
             return env.reset()
         finally:
             env.close()
