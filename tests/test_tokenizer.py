@@ -130,7 +130,7 @@ def _token_sequences(draw):
     return out
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=200, deadline=None, derandomize=True)
 @given(_token_sequences())
 def test_round_trip_property(words):
     tok = MissionTokenizer()
