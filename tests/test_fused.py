@@ -66,11 +66,12 @@ def test_fused_equals_reference(layers, recurrent):
             torch.testing.assert_close(g_fused, g_ref, **TOL)
 
 
-def test_fused_core_from_initial_states():
+@pytest.mark.parametrize(("implementation", "layers"), [("fused", "0,3;4"), ("packed", "0,3;4,2")])
+def test_core_from_initial_states(implementation, layers):
     """Sequences without resets (``starts=None``) run the same scan from ``[S, h]`` states."""
     torch.manual_seed(0)
-    cfg = MoPConfig(input_dim=5, layers="0,3;4", intermediate_dim=6, router_dim=2)
-    fused = MoPCore(cfg, "fused").double().eval()
+    cfg = MoPConfig(input_dim=5, layers=layers, intermediate_dim=6, router_dim=2)
+    fused = MoPCore(cfg, implementation).double().eval()
     reference = MoPCore(cfg, "reference").double().eval()
     reference.load_state_dict(fused.state_dict())
     x = torch.randn(2, 7, 5, dtype=torch.float64)

@@ -14,7 +14,7 @@ from tensordict import TensorDict
 from torchrl.modules import set_recurrent_mode
 
 from mop_torchrl import MoPConfig, MoPModule
-from mop_torchrl.core.model import AUTO_IMPLEMENTATION, MoPCore, resolve_implementation
+from mop_torchrl.core.model import AUTO_IMPLEMENTATION, resolve_implementation
 from mop_torchrl.core.packed import pack_grus, packed_gru_cell
 
 CONFIGS = ["0,4,8;6", "0", "0;5,3", "7,2,0;0;3", "16,32;8,1"]
@@ -89,25 +89,6 @@ def test_packed_equals_reference(layers, recurrent, device, no_tf32):
             assert g_packed is None or not g_packed.any()
         else:
             torch.testing.assert_close(g_packed, g_ref, **tol)
-
-
-def test_packed_core_from_initial_states():
-    """A sequence without resets (``starts=None``) from ``[S, h]`` states, and the packed cell
-    against the GRUs one by one."""
-    torch.manual_seed(0)
-    cfg = MoPConfig(input_dim=5, layers="0,3;4,2", intermediate_dim=6, router_dim=2)
-    packed = MoPCore(cfg, "packed").double().eval()
-    reference = MoPCore(cfg, "reference").double().eval()
-    reference.load_state_dict(packed.state_dict())
-    x = torch.randn(2, 7, 5, dtype=torch.float64)
-    states = [
-        [torch.randn(2, h, dtype=torch.float64, requires_grad=True) for h in b.state_sizes]
-        for b in packed.blocks
-    ]
-    outs = [core(x, states) for core in (packed, reference)]
-    torch.testing.assert_close(outs[0].features, outs[1].features, **CPU_TOL)
-    grads = [torch.autograd.grad(out.features.sum(), states[1]) for out in outs]
-    torch.testing.assert_close(grads[0], grads[1], **CPU_TOL)
 
 
 def test_packed_weights_layout():
