@@ -113,9 +113,9 @@ def _cli(*args: str) -> None:
 @pytest.mark.parametrize(
     "extra",
     [
-        [],  # collection overlapped (the default)
-        ["--student_action=sample", "--dagger_beta=0.5"],
-        ["--collection=sync"],
+        ["--collection=overlap"],
+        ["--collection=overlap", "--student_action=sample", "--dagger_beta=0.5"],
+        [],  # sync collection, the default
     ],
     ids=["overlap", "overlap-sample-beta", "sync"],
 )
