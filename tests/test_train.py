@@ -169,6 +169,20 @@ def test_ppo_from_imitation_checkpoint_and_eval_cli(tmp_path, capsys, tiny_confi
     assert result["routing_cost"] > 0
 
 
+@pytest.mark.slow
+def test_imitation_starts_from_init_checkpoint(tiny_config):
+    source = train(tiny_config(num_updates=1, run_name="source"))
+    kwargs = {"num_updates": 1, "lr": 1e-12, "seed": 1}  # (almost) no step: weights stay put
+    started = train(tiny_config(run_name="started", init_checkpoint=str(source), **kwargs))
+    fresh = train(tiny_config(run_name="fresh", **kwargs))
+    actors = [
+        load_checkpoint(run / "checkpoint.pt")["model"]["actor"] for run in (source, started, fresh)
+    ]
+    for name, value in actors[0].items():
+        assert torch.allclose(actors[1][name], value, atol=1e-8), name
+    assert not all(torch.allclose(actors[2][n], v, atol=1e-8) for n, v in actors[0].items())
+
+
 def test_gru_baseline_trains_and_knobs_need_mop(tmp_path, tiny_config):
     run_dir = train(tiny_config(policy="gru", num_updates=1))
     with pytest.raises(CheckpointError, match="MoP"):

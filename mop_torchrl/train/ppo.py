@@ -20,11 +20,10 @@ from torch import nn
 from torchrl.modules import set_recurrent_mode
 from torchrl.objectives.value import GAE
 
-from mop_torchrl.train.checkpoint import load_checkpoint
 from mop_torchrl.train.collection import segment_batches
 from mop_torchrl.train.config import TrainConfig
 from mop_torchrl.train.losses import RoutingClipPPOLoss, total_loss
-from mop_torchrl.train.policy import build_policy, load_modules
+from mop_torchrl.train.policy import build_policy
 from mop_torchrl.train.run import Run, check_finite
 from mop_torchrl.train.stats import EpisodeStats, MetricMeans
 
@@ -36,9 +35,6 @@ def train_ppo(config: TrainConfig, resume: bool = False) -> Path:
     run = Run(config, resume)
     torch.manual_seed(config.seed)
     actor, critic = build_policy(config)
-    if config.init_checkpoint and run.start_update == 0:
-        payload = load_checkpoint(config.init_checkpoint)
-        load_modules(payload, {"actor": actor}, Path(config.init_checkpoint))
     loss_module = RoutingClipPPOLoss(
         actor,
         critic,

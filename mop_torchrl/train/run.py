@@ -37,6 +37,7 @@ from tqdm.auto import tqdm
 from mop_torchrl.train.checkpoint import (
     CheckpointError,
     dump_digests,
+    load_checkpoint,
     remove_orphan_temps,
     save_checkpoint,
     seed_everything,
@@ -133,9 +134,14 @@ class Run:
 
     # -------------------------------------------------------------- checkpoints
     def restore(self, modules: dict[str, nn.Module], optimizer: torch.optim.Optimizer) -> None:
-        """Loads the run's checkpoint, if any, into ``modules`` and ``optimizer``."""
+        """Loads the run's checkpoint, if any, into ``modules`` and ``optimizer``; a new run
+        with ``init_checkpoint`` starts from that checkpoint's actor weights instead (a
+        curriculum: GoTo from a GoToLocal policy, PPO from an imitation one)."""
         payload, self._payload = self._payload, None
         if payload is None:
+            if self.config.init_checkpoint:
+                source = Path(self.config.init_checkpoint)
+                load_modules(load_checkpoint(source), {"actor": modules["actor"]}, source)
             return
         load_modules(payload, modules, self.checkpoint_path)
         optimizer.load_state_dict(payload["optimizer"])

@@ -148,7 +148,7 @@ def validate_start(
             )
         check_deletable(config)
         _check_writable(run_dir.parent)
-    if config.algo == "ppo" and config.init_checkpoint and payload is None:
+    if config.init_checkpoint and payload is None:
         actor, _ = build_policy(config)
         source = Path(config.init_checkpoint)
         load_modules(load_checkpoint(source), {"actor": actor}, source)
