@@ -67,6 +67,14 @@ def test_per_level_loss_equals_the_hand_computation_on_two_levels(actor):
     batch_form = ImitationLoss(actor, alpha=ALPHA, epsilon=EPS)(batch)
     assert not torch.allclose(out["loss_routing"], batch_form["loss_routing"])
     assert "level" in [k if isinstance(k, str) else k[-1] for k in loss.in_keys]
+    # per-level metrics: each level's labelled steps, summed cross-entropy and routing cost
+    step_loss = F.cross_entropy(hand["logits"][valid], labels[valid], reduction="none")
+    for k in range(2):
+        mine = batch["level"][valid] == k
+        assert out["level", "steps"][k] == mine.sum()
+        torch.testing.assert_close(out["level", "loss_sum"][k], step_loss[mine].sum())
+        cost_k = hand["routing", "cost"].reshape(labels.shape)[valid][mine].sum()
+        torch.testing.assert_close(out["level", "routing_cost_sum"][k], cost_k)
 
 
 def test_grouped_form_on_plain_tensors():
@@ -225,6 +233,11 @@ def test_two_level_training_runs_per_level_and_an_old_run_resumes_in_batch_form(
     assert payload["config"]["cost_scaling"] == "per_level"
     logged = (run_dir / "logs" / "scalars" / "train" / "loss_routing.csv").read_text().split()
     assert logged and all(math.isfinite(float(line.split(",")[-1])) for line in logged)
+    for level in ("GoToRedBall", "GoToLocal"):  # each level's L_k and cost_k, logged
+        for metric in ("loss", "routing_cost"):
+            path = run_dir / "logs" / "scalars" / "train" / level / f"{metric}.csv"
+            values = [float(line.split(",")[-1]) for line in path.read_text().split()]
+            assert values and all(math.isfinite(v) and v > 0 for v in values), path
 
     # A run saved before cost_scaling existed trained in the batch form: it resumes in it
     old = run_dir.parent / "old"

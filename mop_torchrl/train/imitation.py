@@ -76,6 +76,8 @@ def train_imitation(config: TrainConfig, resume: bool = False) -> Path:
                         actor.parameters(), config.max_grad_norm, foreach=True
                     )
                     optimizer.step()
+                    if "level" in losses:  # per_level: L_k, cost_k of each level
+                        metrics.add_per_level(losses.pop("level"), config.levels, "train/")
                     metrics.add(losses, "train/")
                     metrics.add({"train/loss": loss, "train/grad_norm": grad_norm})
                 actor.eval()

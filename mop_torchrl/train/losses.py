@@ -102,7 +102,10 @@ class ImitationLoss(LossModule):
         ``routing_cost_loss(L, cost, alpha, epsilon, cost_mode)``, or per level
         ``grouped_routing_cost_loss(...)``), and detached metrics:
         ``accuracy`` (greedy action = label, over labelled steps), ``label_fraction``,
-        ``routing_cost`` and ``("expert_weight", "block{l}")`` ``[k]`` (MoP only).
+        ``routing_cost`` and ``("expert_weight", "block{l}")`` ``[k]`` (MoP only); with
+        ``per_level``, ``("level", "steps" | "loss_sum" | "routing_cost_sum")`` ``[num_levels]``,
+        each level's labelled steps and the sums of their cross-entropy and routing cost (MoP),
+        so that means over many batches (``sum / steps``) weigh every step alike.
 
     A non-finite cross-entropy is returned as it is (the training loop stops on it and keeps
     its last checkpoint); the scaled form reads ``L`` back to check it (one host read).
@@ -209,41 +212,66 @@ class ImitationLoss(LossModule):
             label_fraction=valid.float().mean(),
         )
         cost = out.get(keys.routing_cost, None)
+        groups = None
+        if self.cost_scaling == "per_level":
+            level = tensordict.get(keys.level).reshape(labels.shape)
+            step_loss, result["level"] = self._per_level(logits, labels, valid, level, cost)
+            steps = result["level", "steps"]
+            groups = (level, step_loss, steps / steps.sum())  # w_k: shares of labelled steps
         if cost is not None:  # MoP; a GRU/LSTM core writes no routing outputs
-            result["loss_routing"] = self._routing_term(
-                logits, labels, valid, task, cost, tensordict
-            )
+            result["loss_routing"] = self._routing_term(valid, task, cost, groups)
             result.update(routing_metrics(out, keys.routing, keys.routing_cost))
         return result
 
-    def _routing_term(
+    def _per_level(
         self,
         logits: torch.Tensor,
         labels: torch.Tensor,
         valid: torch.Tensor,
-        task: torch.Tensor,
-        cost: torch.Tensor,
-        tensordict: TensorDictBase,
-    ) -> torch.Tensor:
-        """``total - L``: what the routing cost adds to the cross-entropy ``task``."""
-        if self.alpha == 0 or (self.cost_mode == "scaled" and not bool(torch.isfinite(task))):
-            return task - task  # 0, or the non-finite L's own NaN for the loop to report
-        if self.cost_scaling == "batch":
-            total = routing_cost_loss(task, cost, self.alpha, self.epsilon, self.cost_mode)
-            return total - task
-        level = tensordict.get(self.tensor_keys.level).reshape(labels.shape)
+        level: torch.Tensor,
+        cost: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, TensorDict]:
+        """Each step's cross-entropy ``[B, T]``, and per level ``[K]`` (detached) its labelled
+        steps and their summed cross-entropy and routing cost."""
         step_loss = F.cross_entropy(
             logits.flatten(0, -2), torch.where(valid, labels, 0).flatten(), reduction="none"
-        )
-        counts = logits.new_zeros(self.num_levels).index_add(
-            0, level.flatten(), valid.flatten().to(logits.dtype)
-        )
+        ).reshape(labels.shape)
+        weight = valid.to(logits.dtype)
+
+        def per_level_sum(values: torch.Tensor) -> torch.Tensor:
+            return logits.new_zeros(self.num_levels).index_add(
+                0, level.flatten(), (values * weight).flatten()
+            )
+
+        with torch.no_grad():
+            sums = TensorDict(
+                steps=per_level_sum(torch.ones_like(weight)), loss_sum=per_level_sum(step_loss)
+            )
+            if cost is not None:
+                sums["routing_cost_sum"] = per_level_sum(cost.reshape(labels.shape))
+        return step_loss, sums
+
+    def _routing_term(
+        self,
+        valid: torch.Tensor,
+        task: torch.Tensor,
+        cost: torch.Tensor,
+        groups: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None,
+    ) -> torch.Tensor:
+        """``total - L``: what the routing cost adds to the cross-entropy ``task``; per level
+        with ``groups`` (each step's level and cross-entropy, and the weights ``w_k``)."""
+        if self.alpha == 0 or (self.cost_mode == "scaled" and not bool(torch.isfinite(task))):
+            return task - task  # 0, or the non-finite L's own NaN for the loop to report
+        if groups is None:
+            total = routing_cost_loss(task, cost, self.alpha, self.epsilon, self.cost_mode)
+            return total - task
+        level, step_loss, weights = groups
         total = grouped_routing_cost_loss(
             step_loss,
-            cost.reshape(labels.shape),
+            cost.reshape(valid.shape),
             level,
             valid,
-            counts / counts.sum(),  # w_k: each level's share of the labelled steps
+            weights,
             self.alpha,
             self.epsilon,
             self.cost_mode,

@@ -124,11 +124,24 @@ class MetricMeans:
         {'loss': 1.0, 'weights/0': 0.25, 'weights/1': 0.75, 'train/loss': 3.0, 'train/weights/0': 0.75, 'train/weights/1': 0.25, 'beta': 0.5}
         >>> meter.pop()
         {}
+
+    Per-level means (:meth:`add_per_level`) weigh every step alike over the interval:
+
+        >>> meter.add_per_level(
+        ...     {"steps": torch.tensor([3.0, 0.0]), "loss_sum": torch.tensor([3.0, 0.0])},
+        ...     ["BabyAI-GoToLocal-v0", "BabyAI-GoTo-v0"], "train/")
+        >>> meter.add_per_level(
+        ...     {"steps": torch.tensor([1.0, 2.0]), "loss_sum": torch.tensor([5.0, 1.0])},
+        ...     ["BabyAI-GoToLocal-v0", "BabyAI-GoTo-v0"], "train/")
+        >>> meter.pop()
+        {'train/GoToLocal/loss': 2.0, 'train/GoTo/loss': 0.5}
     """
 
     def __init__(self) -> None:
         self._sums: dict[str, torch.Tensor | float] = {}
         self._counts: dict[str, int] = {}
+        self._level_sums: dict[str, torch.Tensor] = {}
+        self._level_names: list[str] = []
 
     def add(
         self, metrics: Mapping[str, torch.Tensor | float] | TensorDictBase, prefix: str = ""
@@ -158,5 +171,29 @@ class MetricMeans:
                 out[name] = next(flat)
             else:
                 out.update({f"{name}/{i}": next(flat) for i in range(total.numel())})
-        self._sums, self._counts = {}, {}
+        if self._level_sums:
+            steps = self._level_sums.pop("steps").tolist()
+            for metric, sums in self._level_sums.items():
+                name = metric.removesuffix("_sum")
+                for level, total, n in zip(self._level_names, sums.tolist(), steps):
+                    if n > 0:  # a level absent from every batch of the interval: no value
+                        out[name.replace("{level}", level)] = total / n
+        self._sums, self._counts, self._level_sums = {}, {}, {}
         return out
+
+    def add_per_level(
+        self,
+        sums: Mapping[str, torch.Tensor] | TensorDictBase,
+        levels: Sequence[str],
+        prefix: str = "",
+    ) -> None:
+        """Adds one update's per-level sums ``[num_levels]``: ``steps`` and ``<metric>_sum``
+        entries; :meth:`pop` reports ``<prefix><level>/<metric>``, each sum over the
+        interval divided by the level's steps (levels in the order of ``levels``)."""
+        self._level_names = [level_name(level) for level in levels]
+        for key, value in sums.items():
+            name = "steps" if key == "steps" else f"{prefix}{{level}}/{key}"
+            value = value.detach()
+            self._level_sums[name] = (
+                self._level_sums[name] + value if name in self._level_sums else value
+            )
