@@ -55,7 +55,9 @@ IMPLEMENTATIONS: tuple[Implementation, ...] = ("fused", "reference", "packed")
 
 AUTO_IMPLEMENTATION: dict[str, dict[str, Implementation]] = {
     # 2-core Xeon, seed preset (docs/benchmarks.md): fused wins the step (1.67x vs 1.84x the
-    # GRU's time at batch 64) and the sequence (178 vs 465 ms on [64, 32]).
+    # GRU's time at batch 64) and the sequence (178 vs 465 ms on [64, 32]). "packed" wins the
+    # sequence only for tiny cores at small batch (per-op overhead; AMD EPYC, fwd+bwd [B, 32]):
+    # paper preset with router 16 at B 8/16/64 0.59/0.71/0.96x fused, seed preset 1.27-1.50x.
     "cpu": {"step": "fused", "sequence": "fused"},
     # H200, torch 2.11 (docs/results/gpu/): eager step at batch 64/256/1024 fused 3.44/3.60/3.26
     # ms vs reference 3.70/3.82/3.91; sequence fwd+bwd on [256, 32]: reference (cuDNN) 20.9 ms
