@@ -410,3 +410,12 @@ def test_seed_range_ends_where_numpy_seeds_end(tmp_path):
     assert load_checkpoint(train(top))["update"] == 1
     with pytest.raises(ValueError, match="'seed' must be in"):
         _config(tmp_path, "x", seed=2**32)
+
+
+def test_a_missing_init_checkpoint_is_named_before_anything_is_written(tmp_path):
+    from mop_torchrl.train.run_folder import validate_start
+
+    config = _config(tmp_path, "curriculum", init_checkpoint=str(tmp_path / "missing"))
+    with pytest.raises(CheckpointError, match="--init_checkpoint: no checkpoint at"):
+        validate_start(config, resume=False)
+    assert not (tmp_path / "curriculum").exists()

@@ -151,7 +151,10 @@ def validate_start(
     if config.init_checkpoint and payload is None:
         actor, _ = build_policy(config)
         source = Path(config.init_checkpoint)
-        load_modules(load_checkpoint(source), {"actor": actor}, source)
+        try:
+            load_modules(load_checkpoint(source), {"actor": actor}, source)
+        except CheckpointError as err:
+            raise CheckpointError(f"--init_checkpoint: {err}") from None
     return payload
 
 
