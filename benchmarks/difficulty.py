@@ -2,9 +2,10 @@
 
 The paper defines a task's difficulty as the log of the median number of training steps a
 64-unit GRU needs to reach a loss threshold, over 5 repeats. Here, per level: the frames a GRU
-baseline trained by DAgger (the shipped GoToLocal recipe, ``--hidden`` units) needs before its
-label accuracy on held-out bot-driven episodes (the grounding probe's, true missions) reaches
-``--threshold``; the median over ``--seeds``, and its log10. A run that does not reach the
+baseline trained by DAgger (the shipped GoToLocal settings, ``--hidden`` units, the student
+acting throughout) needs before its label accuracy on held-out bot-driven episodes (the
+grounding probe's, true missions) reaches ``--threshold``; the median over ``--seeds``, and
+its log10. A run that does not reach the
 threshold within ``--max_frames`` counts as not reached (``null`` in the JSON, infinite in the
 median).
 
@@ -54,6 +55,7 @@ def measure(level: str, seed: int, args: argparse.Namespace) -> dict:
             "seed": seed,
             "policy": "gru",
             "gru_hidden_size": args.hidden,
+            "dagger_beta": 0.0,  # the student acts throughout: no schedule tied to a budget
             "eval_interval": args.interval,
             "eval_interval_episodes": args.probe_episodes,
             "checkpoint_interval": args.interval,
