@@ -140,7 +140,7 @@ class MetricMeans:
     def __init__(self) -> None:
         self._sums: dict[str, torch.Tensor | float] = {}
         self._counts: dict[str, int] = {}
-        self._level_sums: dict[str, torch.Tensor] = {}
+        self._level_sums: dict[str, torch.Tensor] = {}  # key -> its sum [num_levels]
         self._level_names: list[str] = []
 
     def add(
@@ -173,11 +173,11 @@ class MetricMeans:
                 out.update({f"{name}/{i}": next(flat) for i in range(total.numel())})
         if self._level_sums:
             steps = self._level_sums.pop("steps").tolist()
-            for metric, sums in self._level_sums.items():
-                name = metric.removesuffix("_sum")
+            for key, sums in self._level_sums.items():
+                metric = key.removesuffix("_sum")
                 for level, total, n in zip(self._level_names, sums.tolist(), steps):
                     if n > 0:  # a level absent from every batch of the interval: no value
-                        out[name.replace("{level}", level)] = total / n
+                        out[f"{level}/{metric}"] = total / n
         self._sums, self._counts, self._level_sums = {}, {}, {}
         return out
 
@@ -190,10 +190,9 @@ class MetricMeans:
         """Adds one update's per-level sums ``[num_levels]``: ``steps`` and ``<metric>_sum``
         entries; :meth:`pop` reports ``<prefix><level>/<metric>``, each sum over the
         interval divided by the level's steps (levels in the order of ``levels``)."""
-        self._level_names = [level_name(level) for level in levels]
+        self._level_names = [prefix + level_name(level) for level in levels]
         for key, value in sums.items():
-            name = "steps" if key == "steps" else f"{prefix}{{level}}/{key}"
             value = value.detach()
-            self._level_sums[name] = (
-                self._level_sums[name] + value if name in self._level_sums else value
+            self._level_sums[key] = (
+                self._level_sums[key] + value if key in self._level_sums else value
             )
