@@ -11,7 +11,8 @@ median).
 
 Each run is evaluated every ``--interval`` updates and stops at the first evaluation that
 reaches the threshold: it trains one interval, then is resumed for the next (a resumed run is
-the run it would have been uninterrupted), so an easy level costs little. Results (per run:
+the run it would have been uninterrupted), so an easy level costs little. A measurement that
+was stopped continues its runs from their last evaluation when started again. Results (per run:
 frames, episodes, accuracies) go to ``bench_results/difficulty.json``, and the table prints::
 
     python benchmarks/difficulty.py --levels GoToRedBallNoDists,GoToLocal --seeds 0,1,2
@@ -46,6 +47,16 @@ def frames_to_threshold(run_dir: Path, threshold: float, frames_per_update: int)
     return None
 
 
+def evaluated_updates(run_dir: Path) -> int:
+    """The last evaluated update of an earlier (stopped) run in ``run_dir``, 0 if none: the
+    measurement continues it instead of starting over."""
+    path = run_dir / "logs" / "scalars" / "eval" / "label_accuracy.csv"
+    if not (run_dir / "checkpoint.pt").is_file() or not path.is_file():
+        return 0
+    rows = list(csv.reader(path.read_text().splitlines()))
+    return int(float(rows[-1][0])) if rows else 0
+
+
 def measure(level: str, seed: int, args: argparse.Namespace) -> dict:
     """Trains the GRU baseline on ``level`` one interval at a time until the threshold."""
     config = load_config(
@@ -61,15 +72,18 @@ def measure(level: str, seed: int, args: argparse.Namespace) -> dict:
             "checkpoint_interval": args.interval,
             "eval_episodes": 0,
             "run_dir": str(args.run_dir),
-            "run_name": f"difficulty-{level_name(level)}-s{seed}",
+            "run_name": f"difficulty-{level_name(level)}-h{args.hidden}-s{seed}",
             "num_updates": args.interval,
         },
     )
     frames_per_update = config.num_envs * config.unroll_len
     max_updates = max(args.interval, args.max_frames // frames_per_update)
-    run_dir = train(config, overwrite=True)
+    run_dir = Path(config.run_dir) / config.run_name
+    updates = evaluated_updates(run_dir)
+    if updates == 0:  # nothing to continue: a fresh run of one interval
+        run_dir = train(config, overwrite=True)
+        updates = args.interval
     reached = frames_to_threshold(run_dir, args.threshold, frames_per_update)
-    updates = args.interval
     while reached is None and updates < max_updates:
         updates = min(updates + args.interval, max_updates)
         resume(run_dir, {"num_updates": updates})
@@ -98,11 +112,17 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--run_dir", type=Path, default=Path("runs/difficulty"))
     parser.add_argument("--out", type=Path, default=Path("bench_results/difficulty.json"))
     args = parser.parse_args(argv)
-    runs = [
-        measure(level, int(seed), args)
-        for level in args.levels.split(",")
-        for seed in args.seeds.split(",")
-    ]
+    runs = []
+    for seed in args.seeds.split(","):  # seed-major: a stopped measurement has every level
+        for level in args.levels.split(","):
+            runs.append(measure(level, int(seed), args))
+            result = write_result(runs, args)
+    return result
+
+
+def write_result(runs: list[dict], args: argparse.Namespace) -> dict:
+    """The per-level table of the runs so far, printed and written to ``args.out`` (after
+    every run, so that a stopped measurement keeps what it has)."""
     table = {}
     for level in dict.fromkeys(run["level"] for run in runs):
         frames = [run["frames"] for run in runs if run["level"] == level]

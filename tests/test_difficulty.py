@@ -33,6 +33,13 @@ def test_runs_resume_until_the_threshold_or_the_budget(difficulty, tmp_path):
     assert run["frames"] is None and run["trained_frames"] == 32  # 2 updates of 2 x 8 frames
     assert [row[0] for row in run["label_accuracy"]] == [1, 2]  # evaluated after each update
     assert never["table"]["GoToRedBallNoDists"]["median"] is None
+    # started again with a larger budget, it continues the stopped run instead of starting over
+    flags[flags.index("--max_frames") + 1] = "48"
+    longer = difficulty.main([*flags, "--threshold", "1.01", "--out", str(tmp_path / "a.json")])
+    (continued,) = longer["runs"]
+    assert continued["trained_frames"] == 48
+    assert continued["label_accuracy"][:2] == run["label_accuracy"]
+    flags[flags.index("--run_dir") + 1] = str(tmp_path / "fresh")
     at_once = difficulty.main([*flags, "--threshold", "0", "--out", str(tmp_path / "b.json")])
     assert at_once["runs"][0]["frames"] == 16 and at_once["runs"][0]["trained_frames"] == 16
     saved = json.loads((tmp_path / "b.json").read_text())
