@@ -62,19 +62,41 @@ def row(run_dir: Path) -> dict:
     }
 
 
-DIFFICULTY = ["GoToRedBall", "GoToLocal", "PickupLoc", "PutNextLocal", "GoTo"]
+DIFFICULTY = [
+    "GoToRedBallNoDists",
+    "GoToRedBallGrey",
+    "GoToRedBall",
+    "GoToLocal",
+    "PickupLoc",
+    "PutNextLocal",
+    "GoTo",
+]
 """SPEC §4's order, easiest first (the panels' order)."""
 
 
+def run_levels(r: dict) -> list[str]:
+    """The short names of a run's levels (several for a multi-level run)."""
+    levels = r["level"].split(",") if isinstance(r["level"], str) else r["level"]
+    return [level.removeprefix("BabyAI-").removesuffix("-v0") for level in levels]
+
+
+def logged_curve(path: Path, frames_per_update: int) -> tuple[list[float], list[float]]:
+    """(frames in thousands, values) of one ``eval/*.csv`` log."""
+    points = [map(float, line.split(",")) for line in path.read_text().split()]
+    steps, values = zip(*points)
+    return [step * frames_per_update / 1000 for step in steps], list(values)
+
+
 def curves(rows: list[dict], out: Path) -> None:
-    """Held-out success and grounding gap vs frames (``eval/*`` in each run's CSV logs)."""
+    """Held-out success and grounding gap vs frames (``eval/*`` in each run's CSV logs), one
+    column per level; a multi-level run draws each level's success in that level's column
+    (``eval/<level>/success_rate``) and its overall grounding gap in every one of them."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    short = lambda r: r["level"].removeprefix("BabyAI-").removesuffix("-v0")  # noqa: E731
-    found = {short(r) for r in rows}
+    found = {level for r in rows for level in run_levels(r)}
     levels = [lv for lv in DIFFICULTY if lv in found] + sorted(found - set(DIFFICULTY))
     fig, axes = plt.subplots(
         2, len(levels), figsize=(4 * len(levels), 6), squeeze=False, sharex="col"
@@ -82,29 +104,26 @@ def curves(rows: list[dict], out: Path) -> None:
     colors = {"mop": "tab:blue", "gru": "tab:orange"}
     for r in rows:
         logs = Path(r["run_dir"]) / "logs" / "scalars" / "eval"
-        column = levels.index(short(r))
+        mixture = len(run_levels(r)) > 1
         label = f"{'MoP' if r['policy'] == 'mop' else 'GRU(512)'} s{r['seed']}"
-        for row, name in enumerate(("success_rate", "grounding_gap")):
-            if not (logs / f"{name}.csv").exists():
-                continue
-            points = [
-                map(float, line.split(",")) for line in (logs / f"{name}.csv").read_text().split()
-            ]
-            steps, values = zip(*points)
-            frames = [step * r["frames_per_update"] / 1000 for step in steps]
-            ax = axes[row][column]
-            ax.plot(
-                frames,
-                values,
-                color=colors[r["policy"]],
-                alpha=1.0 - 0.35 * r["seed"],
-                marker=".",
-                label=label,
-            )
-            ax.grid(alpha=0.3)
-            ax.set_ylim(0 if row == 0 else -0.1, 1.02 if row == 0 else 0.6)
-        axes[0][column].set_title(short(r))
+        style = {
+            "color": "tab:green" if mixture else colors[r["policy"]],
+            "alpha": 1.0 - 0.35 * r["seed"],
+            "marker": ".",
+            "label": f"{label}, {len(run_levels(r))} levels" if mixture else label,
+        }
+        for level in run_levels(r):
+            column = levels.index(level)
+            success = logs / level / "success_rate.csv" if mixture else logs / "success_rate.csv"
+            for row, path in enumerate((success, logs / "grounding_gap.csv")):
+                if path.exists():
+                    axes[row][column].plot(*logged_curve(path, r["frames_per_update"]), **style)
+    for column, level in enumerate(levels):
+        axes[0][column].set_title(level)
         axes[1][column].set_xlabel("frames (k)")
+        for row in range(2):
+            axes[row][column].grid(alpha=0.3)
+            axes[row][column].set_ylim(0 if row == 0 else -0.1, 1.02 if row == 0 else 0.6)
     axes[0][0].set_ylabel("held-out success")
     axes[1][0].set_ylabel("grounding gap\n(label acc. true − shuffled missions)")
     for ax in axes[0]:
