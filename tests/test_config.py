@@ -272,3 +272,15 @@ def test_checkpoint_written_before_the_layering_still_evaluates(tmp_path, capsys
     main(["eval", "--checkpoint", str(path), "--episodes", "2", "--num_envs", "2", "--json"])
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert result["episodes"] == 2 and 0.0 <= result["success_rate"] <= 1.0
+
+
+SHIPPED_CONFIGS = sorted((pathlib.Path(__file__).parents[1] / "configs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", SHIPPED_CONFIGS, ids=lambda p: p.name)
+def test_shipped_configs_validate(path):
+    """Every shipped recipe loads and passes validation (a typo in a key, or a combination the
+    trainer refuses, such as the bot acting with a multi-worker backend, fails here rather than
+    minutes into a user's run)."""
+    config = load_config(path)
+    assert config.num_updates > 0 and config.levels
