@@ -15,6 +15,7 @@ from mop_torchrl.analysis.pathways import (
     level_summary,
     measured_difficulty,
     plot_cost_vs_difficulty,
+    plot_success_vs_alpha,
     plot_usage,
     seed_aggregate,
     spearman_by_alpha,
@@ -201,4 +202,9 @@ def test_sweep_figures_are_written(tmp_path):
         plot_cost_vs_difficulty(summary, tmp_path / "measured.png", measured),
         plot_usage(pd.concat(usages), tmp_path / "usage.png"),
     ]
+    # three seeds with equal success: their float mean can lie just outside them (0.99 here),
+    # which once reached matplotlib as a negative error bar
+    summary["success"] = 0.99
+    summary = pd.concat([summary, summary[summary["seed"] == 0].assign(seed=2)])
+    paths.append(plot_success_vs_alpha(summary, tmp_path / "success.png"))
     assert all(path.stat().st_size > 0 for path in paths)

@@ -464,7 +464,7 @@ def plot_cost_vs_difficulty(
         mean, low, high = table.mean(axis=1), table.min(axis=1), table.max(axis=1)
         label = f"α={alpha:g}" + (f" (ρ={rho[alpha]:.2f})" if math.isfinite(rho[alpha]) else "")
         line = ax.errorbar(
-            x + offset, mean, yerr=[mean - low, high - mean], marker="o", capsize=3, label=label
+            x + offset, mean, yerr=_bars(mean, low, high), marker="o", capsize=3, label=label
         )
         for seed in table.columns:
             ax.plot(x + offset, table[seed], ".", color=line[0].get_color(), alpha=0.4)
@@ -481,6 +481,12 @@ def plot_cost_vs_difficulty(
     return save_figure(fig, path)
 
 
+def _bars(mean: pd.Series, low: pd.Series, high: pd.Series) -> list[pd.Series]:
+    """Error bars from the lowest to the highest seed: the mean of equal values can fall a
+    rounding error outside them, which matplotlib refuses as a negative length."""
+    return [(mean - low).clip(lower=0), (high - mean).clip(lower=0)]
+
+
 def plot_success_vs_alpha(summary: pd.DataFrame, path: str | Path) -> Path:
     """Held-out success of each level against α (α = 0 drawn at the left edge): the mean over
     seeds, bars from the lowest to the highest seed."""
@@ -493,7 +499,7 @@ def plot_success_vs_alpha(summary: pd.DataFrame, path: str | Path) -> Path:
         ax.errorbar(
             range(len(alphas)),
             mean,
-            yerr=[mean - low, high - mean],
+            yerr=_bars(mean, low, high),
             marker="o",
             capsize=3,
             label=level,
