@@ -5,7 +5,8 @@
     python benchmarks/classic_pomdp.py --out bench_results/classic_pomdp --collect
 
 Runs ``examples/recurrent_ppo.py`` (the RL Zoo's recurrent PPO in TorchRL) on masked CartPole
-(``cartpole``) and masked Pendulum (``pendulum``) for every core (``--cores``) and seed, each
+(``cartpole``) and masked Pendulum (``pendulum``), and ``examples/recurrent_dqn.py`` (R2D2's
+recipe, small) on masked CartPole (``cartpole_dqn``), for every core (``--cores``) and seed, each
 with the example's own defaults unless ``--{task}_frames`` is given. ``--jobs`` processes run
 at a time, one torch thread each (with one job seed by seed, so a cut-short benchmark still
 has every core on the finished seeds; with more, the MoP runs first, as they take the most
@@ -41,6 +42,7 @@ TASKS = {
     # name: (script and its task flags, target return, rolling window in episodes)
     "cartpole": (["recurrent_ppo.py", "--env", "cartpole"], 475.0, 100),
     "pendulum": (["recurrent_ppo.py", "--env", "pendulum"], -250.0, 20),
+    "cartpole_dqn": (["recurrent_dqn.py"], 450.0, 100),
 }
 
 

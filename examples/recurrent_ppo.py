@@ -6,8 +6,8 @@
 
 ``--env cartpole``: gymnasium's ``CartPole-v1`` observing the cart position and the pole angle
 only (the RL Zoo's ``CartPoleNoVel``); Pendulum: ``Pendulum-v1`` observing ``cos θ, sin θ``
-only (``PendulumNoVel``). A TorchRL ``UnaryTransform`` drops the velocities, so they have to be
-inferred from memory. The recipe is the RL Zoo's recurrent PPO (``hyperparams/ppo_lstm.yml``,
+only (``PendulumNoVel``), built by ``masked_control.py`` beside this script (it drops the
+velocities, so they have to be inferred from memory). The recipe is the RL Zoo's recurrent PPO (``hyperparams/ppo_lstm.yml``,
 sb3-contrib's ``RecurrentPPO``) in TorchRL's parts: observations normalised by ``VecNorm``,
 rewards scaled by ``RewardScaling``; an actor ``core → Linear(64)+ReLU → head`` (categorical
 logits on CartPole, ``TanhNormal`` on Pendulum) and a critic with **its own** core
@@ -41,22 +41,9 @@ from torch import nn
 from torch.distributions import Categorical
 from torchrl.collectors import Collector
 from torchrl.data import Categorical as CategoricalSpec
-from torchrl.envs import (
-    Compose,
-    GymEnv,
-    InitTracker,
-    RewardScaling,
-    RewardSum,
-    SerialEnv,
-    StepCounter,
-    TransformedEnv,
-    UnaryTransform,
-    VecNorm,
-)
+from torchrl.envs import TransformedEnv
 from torchrl.envs.utils import ExplorationType, set_exploration_type
 from torchrl.modules import (
-    GRUModule,
-    LSTMModule,
     ProbabilisticActor,
     TanhNormal,
     set_recurrent_mode,
@@ -64,11 +51,11 @@ from torchrl.modules import (
 from torchrl.objectives import ClipPPOLoss
 from torchrl.objectives.value import GAE
 
-from mop_torchrl import MoPConfig, MoPModule, routing_cost_loss
+from mop_torchrl import routing_cost_loss
 from mop_torchrl.core.config import DEFAULT_RL_ALPHA
 
-# task: (gymnasium id, observation entries kept, steps per episode at most)
-TASKS = {"pendulum": ("Pendulum-v1", [0, 1], 200), "cartpole": ("CartPole-v1", [0, 2], 500)}
+from masked_control import TASKS, make_core, make_env  # beside this script
+
 # Per-task defaults of the flags below (None there); a flag given on the command line wins.
 # CartPole is the RL Zoo's recurrent PPO for CartPoleNoVel (hyperparams/ppo_lstm.yml: 8 envs x
 # 32 steps in one minibatch of 256, gamma 0.98, lambda 0.8, 20 epochs, lr 1e-3 and clip 0.2
@@ -101,59 +88,6 @@ DEFAULTS = {
         "lmbda": 0.8,
     },
 }
-
-
-def make_env(task: str, num_envs: int, seed: int, reward_scale: float) -> TransformedEnv:
-    """``num_envs`` masked Pendulums (``cos θ, sin θ`` only) or CartPoles (cart position and
-    pole angle only). Observations are normalised by running statistics over all envs
-    (``VecNorm``, as the Zoo's ``VecNormalize``); rewards are scaled by ``reward_scale`` for
-    the critic (``VecNormalize`` divides by a running std of the return: about 0.1 on both
-    tasks; ``VecNorm`` on the reward would subtract its mean, which is CartPole's whole
-    reward), ``episode_reward`` stays unscaled."""
-    env_id, kept, _ = TASKS[task]
-    env = TransformedEnv(
-        SerialEnv(num_envs, lambda: GymEnv(env_id, categorical_action_encoding=True)),
-        Compose(
-            UnaryTransform(["observation"], ["observation"], fn=lambda obs: obs[..., kept]),
-            VecNorm(in_keys=["observation"], new_api=True, decay=1.0, reduce_batch_dims=True),
-            InitTracker(),
-            StepCounter(),
-            RewardSum(),
-            RewardScaling(loc=0.0, scale=reward_scale),
-        ),
-    )
-    env.set_seed(seed)
-    return env
-
-
-def make_core(kind: str, obs_dim: int, hidden: int, name: str) -> nn.Module:
-    """A MoP, GRU or LSTM core reading ``observation`` and writing ``{name}_features``, its
-    hidden state under ``{name}_state`` (so the actor's and the critic's cores do not share
-    keys). MoP: the ``paper`` preset (``0,16,32`` x 3 blocks, D=64, router 16), each block's
-    GRUs packed into one (``implementation="packed"``: at these sizes the per-op overhead
-    dominates, and packing cut the recipe's CPU time per frame to 0.78x of the fused path's)."""
-    if kind == "mop":
-        config = MoPConfig.from_preset("paper", input_dim=obs_dim, router_dim=16)
-        return MoPModule(
-            config,
-            in_key="observation",
-            out_key=f"{name}_features",
-            state_key=f"{name}_state",
-            routing_key=f"{name}_routing",
-            implementation="packed",
-        )
-    if kind == "gru":
-        keys = [f"{name}_state"]
-        module = GRUModule
-    else:
-        keys = [f"{name}_state_h", f"{name}_state_c"]
-        module = LSTMModule
-    return module(
-        obs_dim,
-        hidden,
-        in_keys=["observation", *keys],
-        out_keys=[f"{name}_features", *[("next", k) for k in keys]],
-    )
 
 
 def make_actor_critic(

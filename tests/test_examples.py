@@ -36,7 +36,10 @@ def test_example_runs(script, args):
 
 
 def load_example(name: str):
-    """Imports ``examples/{name}.py`` as a module (its ``main(argv)`` returns the results)."""
+    """Imports ``examples/{name}.py`` as a module (its ``main(argv)`` returns the results),
+    with the examples' folder importable as when the script runs (``masked_control``)."""
+    if str(EXAMPLES) not in sys.path:
+        sys.path.insert(0, str(EXAMPLES))
     spec = importlib.util.spec_from_file_location(name, EXAMPLES / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -50,6 +53,12 @@ SMOKE = {
     ],
 }
 SMOKE["recurrent_ppo_cartpole"] = [*SMOKE["recurrent_ppo"], "--env", "cartpole"]
+SMOKE["recurrent_dqn"] = [
+    *("--frames", "512", "--num_envs", "4", "--seq_len", "32", "--burn_in", "8"),
+    *("--warmup", "128", "--batch_rows", "4", "--updates_per_batch", "2"),
+]
+# each recipe's cores and the keys of their states
+STATE_KEYS = {"recurrent_ppo": ("actor_state", "critic_state"), "recurrent_dqn": ("q_state",)}
 
 
 @pytest.mark.parametrize("core", ["mop", "gru"])
@@ -65,8 +74,8 @@ def test_recurrent_recipe_smoke(example, core, tmp_path):
     # (within an episode), zero at episode starts, and not zero everywhere (recurrence alive)
     batch = result["last_batch"]  # [env, time]
     is_init = batch["is_init"].squeeze(-1)
-    # the actor's and the critic's cores keep their states under their own keys
-    state = batch.select("actor_state", "critic_state")
+    # each core (PPO: the actor's and the critic's) keeps its state under its own keys
+    state = batch.select(*STATE_KEYS[script])
     keys = list(state.keys(include_nested=True, leaves_only=True))
     assert keys, "the core's hidden state is missing from the collected data"
     carried = ~is_init[:, 1:]
@@ -79,3 +88,36 @@ def test_recurrent_recipe_smoke(example, core, tmp_path):
     if core == "mop":  # routing per block: one weight per expert ("0,16,32"), summing to 1
         assert [len(w) for w in result["routing"]] == [3, 3, 3]
         assert all(abs(sum(w) - 1) < 1e-5 for w in result["routing"])
+
+
+def test_dqn_n_step_targets_cut_at_episode_ends():
+    """n-step double-DQN targets by hand: a terminal step ends the sum without bootstrap, a sum
+    that meets a time-limit truncation is invalid (its next state is not in the row)."""
+    from tensordict import TensorDict
+
+    n_step_targets = load_example("recurrent_dqn").n_step_targets
+    reward = torch.tensor([[1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0]])
+    terminated = torch.tensor([[False, False, True, False, False, False, False]])
+    truncated = torch.tensor([[False, False, False, False, False, True, False]])
+    rows = TensorDict(
+        {
+            "next": {
+                "reward": reward[..., None],
+                "terminated": terminated[..., None],
+                "done": (terminated | truncated)[..., None],
+            }
+        },
+        [1, 7],
+    )
+    q_next = torch.arange(10.0, 17.0)[None]  # target value of the greedy action at each step
+    g = 0.5
+    target, valid = n_step_targets(rows, q_next, gamma=g, n=2)
+    expected = [
+        1 + g * 2 + g**2 * q_next[0, 2],  # t=0: two rewards, bootstrap at t=2
+        2 + g * 3,  # t=1: step 2 is terminal, no bootstrap
+        3.0,  # t=2: terminal at once
+        4 + g * 5 + g**2 * q_next[0, 5],  # t=3
+        5 + g * 6,  # t=4: meets the truncation at 5 (invalid)
+    ]
+    torch.testing.assert_close(target[0], torch.tensor(expected))
+    assert valid[0].tolist() == [True, True, True, True, False]
