@@ -38,18 +38,19 @@ def make_env(
     """``num_envs`` masked Pendulums (``cos θ, sin θ`` only) or CartPoles (cart position and
     pole angle only). Observations are normalised by running statistics over all envs
     (``VecNorm``, as the Zoo's ``VecNormalize``), or with ``running_norm=False`` divided by the
-    observation space's bounds: fixed, as an off-policy learner needs (its replay buffer would
-    otherwise hold observations normalised by statistics that have moved since). Rewards are
-    scaled by ``reward_scale`` for the critic (``VecNormalize`` divides by a running std of the
-    return: about 0.1 on both tasks; ``VecNorm`` on the reward would subtract its mean, which is
+    observation space's bounds: fixed, so that a replay buffer's old entries mean what new ones
+    do (running statistics move after an entry is stored). Rewards are scaled by
+    ``reward_scale`` for the critic (``VecNormalize`` divides by a running std of the return:
+    about 0.1 on both tasks; ``VecNorm`` on the reward would subtract its mean, which is
     CartPole's whole reward), ``episode_reward`` stays unscaled."""
     env_id, kept, _ = TASKS[task]
-    bounds = torch.as_tensor(gym.make(env_id).observation_space.high[kept])
-    normalise = (
-        VecNorm(in_keys=["observation"], new_api=True, decay=1.0, reduce_batch_dims=True)
-        if running_norm
-        else UnaryTransform(["observation"], ["observation"], fn=lambda obs: obs / bounds)
-    )
+    if running_norm:
+        normalise = VecNorm(
+            in_keys=["observation"], new_api=True, decay=1.0, reduce_batch_dims=True
+        )
+    else:
+        bounds = torch.as_tensor(gym.make(env_id).observation_space.high[kept])
+        normalise = UnaryTransform(["observation"], ["observation"], fn=lambda obs: obs / bounds)
     env = TransformedEnv(
         SerialEnv(num_envs, lambda: GymEnv(env_id, categorical_action_encoding=True)),
         Compose(

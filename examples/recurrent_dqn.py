@@ -15,8 +15,8 @@ needs beyond that tutorial is R2D2's (Kapturowski et al., 2019), so the loss is 
   refresh that state: they get no loss;
 * **n-step double-DQN targets**: ``Σ_k γ^k r_{t+k} + γ^n Q_target(s_{t+n}, argmax_a
   Q(s_{t+n}, a))``, cut at the end of an episode; both networks run over the same row;
-* **fixed observation scaling** (the space's bounds, not ``VecNorm``'s running statistics,
-  which would leave the buffer holding observations normalised by stale statistics);
+* **fixed observation scaling** (the space's bounds, not ``VecNorm``'s running statistics, so
+  that old rows in the buffer are normalised as new ones are);
 * **a replay ratio that works**: ``--updates_per_batch`` updates of ``--batch_rows`` rows per
   collected batch, a Polyak-averaged target network (``--tau``), Huber loss, gradient norm 10.
 
