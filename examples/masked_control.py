@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import gymnasium as gym
 import torch
+from tensordict import TensorDictBase
 from torch import nn
 from torchrl.envs import (
     Compose,
@@ -24,6 +25,7 @@ from torchrl.envs import (
     UnaryTransform,
     VecNorm,
 )
+from torchrl.envs.utils import ExplorationType, set_exploration_type
 from torchrl.modules import GRUModule, LSTMModule
 
 from mop_torchrl import MoPConfig, MoPModule
@@ -94,3 +96,33 @@ def make_core(kind: str, obs_dim: int, hidden: int, name: str) -> nn.Module:
         in_keys=["observation", *keys],
         out_keys=[f"{name}_features", *[("next", k) for k in keys]],
     )
+
+
+def finished_episodes(batch: TensorDictBase, frames: int) -> list[tuple[int, float]]:
+    """``(frames so far, return)`` of every episode that ends in the collected ``batch``
+    (``[env, time]``; ``frames`` counts the steps of all batches up to this one's end)."""
+    num_envs, steps = batch.shape
+    done = batch["next", "done"].squeeze(-1)
+    return [
+        (
+            frames - num_envs * steps + (t + 1) * num_envs,
+            batch["next", "episode_reward"][i, t].item(),
+        )
+        for i, t in done.nonzero().tolist()
+    ]
+
+
+def reached_return(curve: list[tuple[int, float]], stop_return: float | None, window: int) -> bool:
+    """Whether the mean return of the last ``window`` episodes is at least ``stop_return``."""
+    recent = [r for _, r in curve[-window:]]
+    return stop_return is not None and len(recent) == window and sum(recent) / window >= stop_return
+
+
+def greedy_returns(env: TransformedEnv, policy: nn.Module, task: str) -> torch.Tensor:
+    """The return of one whole episode per env from a reset, acting deterministically (greedy
+    or the mean action): the RL Zoo's kind of final figure."""
+    with torch.no_grad(), set_exploration_type(ExplorationType.DETERMINISTIC):
+        rollout = env.rollout(TASKS[task][2], policy, break_when_any_done=False)
+    done = rollout["next", "done"].squeeze(-1)
+    ends = torch.where(done.any(-1), done.int().argmax(-1), done.shape[-1] - 1)
+    return rollout["next", "episode_reward"][torch.arange(done.shape[0]), ends].squeeze(-1)

@@ -41,13 +41,18 @@ from tensordict.nn import TensorDictModule, TensorDictSequential
 from torch import nn
 from torchrl.collectors import Collector
 from torchrl.data import LazyTensorStorage, TensorDictReplayBuffer
-from torchrl.envs.utils import ExplorationType, set_exploration_type
 from torchrl.modules import EGreedyModule, QValueModule, set_recurrent_mode
 
 from mop_torchrl import routing_cost_loss
 from mop_torchrl.core.config import DEFAULT_RL_ALPHA
 
-from masked_control import TASKS, make_core, make_env  # beside this script
+from masked_control import (  # beside this script
+    finished_episodes,
+    greedy_returns,
+    make_core,
+    make_env,
+    reached_return,
+)
 
 
 def make_qnet(core_kind: str, obs_dim: int, num_actions: int, hidden: int) -> TensorDictSequential:
@@ -169,10 +174,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
             break
         frames += batch.numel()
         explore.step(batch.numel())
-        done = batch["next", "done"].squeeze(-1)
-        for env_i, t in done.nonzero().tolist():
-            step_frames = frames - frames_per_batch + (t + 1) * args.num_envs
-            curve.append((step_frames, batch["next", "episode_reward"][env_i, t].item()))
+        curve += finished_episodes(batch, frames)
         if args.core == "mop":
             routing.append([batch[key].mean((0, 1)) for key in core.routing_keys])
         buffer.extend(batch)
@@ -203,12 +205,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
                     p_target.lerp_(p, args.tau)
             losses.append(loss.item())
         recent = [r for _, r in curve[-20:]]
-        window = [r for _, r in curve[-args.stop_window :]]
-        reached = (
-            args.stop_return is not None
-            and len(window) == args.stop_window
-            and sum(window) / len(window) >= args.stop_return
-        )
+        reached = reached_return(curve, args.stop_return, args.stop_window)
         print(
             f"frames {frames:>7}  ε {explore.eps.item():.2f}  "
             f"loss {losses[-1] if losses else float('nan'):.4f}  "
@@ -219,11 +216,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         if reached:
             break
     # The final greedy policy, one whole episode per env from a reset.
-    with torch.no_grad(), set_exploration_type(ExplorationType.DETERMINISTIC):
-        rollout = env.rollout(TASKS["cartpole"][2], qnet, break_when_any_done=False)
-    done = rollout["next", "done"].squeeze(-1)
-    ends = torch.where(done.any(-1), done.int().argmax(-1), done.shape[-1] - 1)
-    final_eval = rollout["next", "episode_reward"][torch.arange(args.num_envs), ends]
+    final_eval = greedy_returns(env, qnet, "cartpole")
     print(f"greedy final policy: {final_eval.mean().item():.1f} ({args.num_envs} episodes)")
     result = {
         "task": "masked CartPole-v1",
@@ -236,7 +229,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         "wall_s": time.perf_counter() - start,
         "params": sum(p.numel() for p in core.parameters()),
         "curve": curve,
-        "final_eval": final_eval.squeeze(-1).tolist(),
+        "final_eval": final_eval.tolist(),
         "losses": losses,
         "routing": [torch.stack(block).mean(0).tolist() for block in zip(*routing[-5:])],
     }

@@ -42,7 +42,6 @@ from torch.distributions import Categorical
 from torchrl.collectors import Collector
 from torchrl.data import Categorical as CategoricalSpec
 from torchrl.envs import TransformedEnv
-from torchrl.envs.utils import ExplorationType, set_exploration_type
 from torchrl.modules import (
     ProbabilisticActor,
     TanhNormal,
@@ -54,7 +53,14 @@ from torchrl.objectives.value import GAE
 from mop_torchrl import routing_cost_loss
 from mop_torchrl.core.config import DEFAULT_RL_ALPHA
 
-from masked_control import TASKS, make_core, make_env  # beside this script
+from masked_control import (  # beside this script
+    TASKS,
+    finished_episodes,
+    greedy_returns,
+    make_core,
+    make_env,
+    reached_return,
+)
 
 # Per-task defaults of the flags below (None there); a flag given on the command line wins.
 # CartPole is the RL Zoo's recurrent PPO for CartPoleNoVel (hyperparams/ppo_lstm.yml: 8 envs x
@@ -230,10 +236,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         if args.max_wall_s is not None and time.perf_counter() - start > args.max_wall_s:
             break
         frames += batch.numel()
-        done = batch["next", "done"].squeeze(-1)
-        for env_i, t in done.nonzero().tolist():
-            step_frames = frames - frames_per_batch + (t + 1) * args.num_envs
-            curve.append((step_frames, batch["next", "episode_reward"][env_i, t].item()))
+        curve += finished_episodes(batch, frames)
         if args.core == "mop":
             keys = cores[0].routing_keys
             routing.append([batch[key].mean((0, 1)) for key in keys])
@@ -261,12 +264,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
                 optimizer.step()
                 losses.append(loss.item())
         recent = [r for _, r in curve[-20:]]
-        window = [r for _, r in curve[-args.stop_window :]]
-        reached = (
-            args.stop_return is not None
-            and len(window) == args.stop_window
-            and sum(window) / len(window) >= args.stop_return
-        )
+        reached = reached_return(curve, args.stop_return, args.stop_window)
         print(
             f"frames {frames:>7}  loss {losses[-1]:.4f}  "
             f"return(last 20) {sum(recent) / max(len(recent), 1):7.1f}  "
@@ -277,11 +275,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
             break
     # The Zoo's figure: the final policy, deterministic (greedy / the mean action), one whole
     # episode per env from a reset (each ends within the task's episode length).
-    with torch.no_grad(), set_exploration_type(ExplorationType.DETERMINISTIC):
-        rollout = env.rollout(TASKS[args.env][2], actor, break_when_any_done=False)
-    done = rollout["next", "done"].squeeze(-1)
-    ends = torch.where(done.any(-1), done.int().argmax(-1), done.shape[-1] - 1)
-    final_eval = rollout["next", "episode_reward"][torch.arange(args.num_envs), ends]
+    final_eval = greedy_returns(env, actor, args.env)
     print(f"deterministic final policy: {final_eval.mean().item():.1f} ({args.num_envs} episodes)")
     result = {
         "task": f"masked {TASKS[args.env][0]}",
@@ -294,7 +288,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         "wall_s": time.perf_counter() - start,
         "params": sum(p.numel() for core in cores for p in core.parameters()),
         "curve": curve,
-        "final_eval": final_eval.squeeze(-1).tolist(),
+        "final_eval": final_eval.tolist(),
         "losses": losses,
         "routing": [torch.stack(block).mean(0).tolist() for block in zip(*routing[-5:])],
     }
