@@ -8,9 +8,10 @@
 only (the RL Zoo's ``CartPoleNoVel``); Pendulum: ``Pendulum-v1`` observing ``cos θ, sin θ``
 only (``PendulumNoVel``), built by ``masked_control.py`` beside this script (it drops the
 velocities, so they have to be inferred from memory). The recipe is the RL Zoo's recurrent PPO
-(``hyperparams/ppo_lstm.yml``, sb3-contrib's ``RecurrentPPO``) in TorchRL's parts: observations normalised by ``VecNorm``,
-rewards scaled by ``RewardScaling``; an actor ``core → Linear(64)+ReLU → head`` (categorical
-logits on CartPole, ``TanhNormal`` on Pendulum) and a critic with **its own** core
+(``hyperparams/ppo_lstm.yml``, sb3-contrib's ``RecurrentPPO``) in TorchRL's parts:
+observations normalised by ``VecNorm``, rewards scaled by ``RewardScaling``; an actor ``core →
+Linear(64)+ReLU → head`` (categorical logits on CartPole, ``TanhNormal`` on Pendulum) and a
+critic with **its own** core
 (``enable_critic_lstm``); TorchRL's ``ClipPPOLoss`` (value loss 0.5·MSE, gradient norm 0.5) on
 whole per-env sequences (it enters recurrent mode by itself) with advantages from ``GAE``, which
 does not: it runs inside ``set_recurrent_mode(True)``. Each task has its own defaults
