@@ -11,11 +11,10 @@ velocities, so they have to be inferred from memory). The recipe is the RL Zoo's
 (``hyperparams/ppo_lstm.yml``, sb3-contrib's ``RecurrentPPO``) in TorchRL's parts:
 observations normalised by ``VecNorm``, rewards scaled by ``RewardScaling``; an actor ``core →
 Linear(64)+ReLU → head`` (categorical logits on CartPole, ``TanhNormal`` on Pendulum) and a
-critic with **its own** core
-(``enable_critic_lstm``); TorchRL's ``ClipPPOLoss`` (value loss 0.5·MSE, gradient norm 0.5) on
-whole per-env sequences (it enters recurrent mode by itself) with advantages from ``GAE``, which
-does not: it runs inside ``set_recurrent_mode(True)``. Each task has its own defaults
-(``DEFAULTS``); any flag overrides them.
+critic with **its own** core (``enable_critic_lstm``); TorchRL's ``ClipPPOLoss`` (value loss
+0.5·MSE, gradient norm 0.5) on whole per-env sequences (it enters recurrent mode by itself) with
+advantages from ``GAE``, which does not: it runs inside ``set_recurrent_mode(True)``. Each task
+has its own defaults (``DEFAULTS``); any flag overrides them.
 
 ``GAE(..., deactivate_vmap=True)``: a GRU/LSTM critic fails under ``vmap`` in torchrl 0.14.
 With ``--core mop`` the routing cost of the loss's own replay (both cores) is added to the PPO
