@@ -252,7 +252,12 @@ def plot(out: Path, figure: Path) -> None:
             # to the longest run: a seed that stopped (at its target) holds its last value
             grid = np.linspace(start, max(r["frames"] for r in runs), 100)
             curves = np.array([np.interp(grid, frames, mean) for frames, mean in rolled])
-            (line,) = ax.plot(grid, curves.mean(0), label=f"{core} ({len(runs)} seeds)")
+            (line,) = ax.plot(
+                grid,
+                curves.mean(0),
+                color=f"C{CORES.index(core)}",
+                label=f"{core} ({len(runs)} seeds)",
+            )
             ax.fill_between(grid, curves.min(0), curves.max(0), color=line.get_color(), alpha=0.2)
         ax.axhline(target, color="grey", ls="--", lw=0.8)
         ax.set_title(f"masked {task}: mean of last {window} episodes", fontsize=10)
