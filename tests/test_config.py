@@ -284,3 +284,17 @@ def test_shipped_configs_validate(path):
     minutes into a user's run)."""
     config = load_config(path)
     assert config.num_updates > 0 and config.levels
+
+
+def test_boolean_flag_and_its_saved_default(tmp_path):
+    assert _parse("--train_path_ratio", "true").train_path_ratio is True
+    assert _parse("--train_path_ratio=FALSE").train_path_ratio is False
+    parser = argparse.ArgumentParser()
+    add_config_arguments(parser)
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--train_path_ratio", "yes"])
+    # A run saved before the key existed logged the path ratio: resuming it keeps doing so.
+    saved = tmp_path / "config.yaml"
+    saved.write_text(yaml.safe_dump({"task_id": "GoToLocal"}))
+    assert load_config(saved, saved=True).train_path_ratio is True
+    assert load_config(saved).train_path_ratio is False

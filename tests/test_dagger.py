@@ -36,6 +36,25 @@ def collected():
     return actor, batches
 
 
+def test_training_path_ratio_is_opt_in_and_does_not_change_the_data(tiny_config):
+    """The bot's solution length is measured on a deep copy of each env: with it or without it,
+    the collected batches are the same, key for key."""
+    from mop_torchrl.train.collection import segment_batches
+    from mop_torchrl.train.policy import build_policy
+
+    batches = {}
+    for measured in (False, True):
+        config = tiny_config(num_updates=2, train_path_ratio=measured)
+        torch.manual_seed(0)
+        actor = build_policy(config)[0]
+        batches[measured] = [batch for _, batch in segment_batches(actor, config, 0, expert=True)]
+    for plain, measured in zip(batches[False], batches[True], strict=True):
+        assert ("next", "bot_solution_length") not in plain.keys(True)
+        assert (measured["next", "bot_solution_length"] > 0).any()
+        lengths = ["bot_solution_length", ("next", "bot_solution_length")]
+        assert (plain == measured.exclude(*lengths)).all()
+
+
 @pytest.mark.parametrize("burn_in", [0, 4])
 def test_replayed_slices_reproduce_collection_outputs(collected, burn_in):
     actor, batches = collected

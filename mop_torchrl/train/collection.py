@@ -89,8 +89,9 @@ def env_factory(
 ) -> Callable[[], EnvBase]:
     """A picklable function building the config's batched BabyAI env.
 
-    With ``expert=True`` the bot labels every step and measures its own solution length from
-    each start (for the path ratio). ``num_envs`` defaults to ``config.num_envs``.
+    With ``expert=True`` the bot labels every step, and with ``config.train_path_ratio`` also
+    measures its own solution length from each start (for the path ratio). ``num_envs``
+    defaults to ``config.num_envs``.
     """
     return functools.partial(
         make_babyai_env,
@@ -99,7 +100,7 @@ def env_factory(
         seed=seed,
         expert=expert,
         parallel=config.env_batching == "parallel",
-        path_ratio=expert,
+        path_ratio=expert and config.train_path_ratio,
         level_weights=config.level_weights,
     )
 

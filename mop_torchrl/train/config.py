@@ -125,6 +125,12 @@ class TrainConfig:
     collector_threads: int = setting(
         1, "torch intra-op threads of each collector process (overlap and multiprocess workers)."
     )
+    train_path_ratio: bool = setting(
+        False,
+        "imitation: also log train/path_ratio, the episode's length over the bot's; the bot then "
+        "solves every training episode from its start on a copy of the env (about a third of "
+        "the collection time on GoToLocal with the bot acting). Evaluations always measure it.",
+    )
     distributed_launcher: Literal["mp", "submitit"] = setting(
         "mp",
         "backend distributed: start the workers on this machine (mp) or as SLURM jobs (submitit, "
@@ -438,11 +444,16 @@ RESUMABLE_CHANGES: frozenset[str] = frozenset(
 """Top-level keys a resumed run may change (they do not alter the training so far): the fields
 marked ``resumable`` in their metadata."""
 
-SAVED_DEFAULTS: dict[str, Any] = {"cost_scaling": "batch", "collection": "sync"}
+SAVED_DEFAULTS: dict[str, Any] = {
+    "cost_scaling": "batch",
+    "collection": "sync",
+    "train_path_ratio": True,
+}
 """Keys added to the config since runs were first saved, with the value that reproduces how a
 run saved without them trained (:meth:`TrainConfig.from_saved`): ``cost_scaling`` came with
 per-level routing costs (before it, every run used the batch form), ``collection`` with the
-overlapped collector (before it, every run collected in sync)."""
+overlapped collector (before it, every run collected in sync), ``train_path_ratio`` when
+training stopped measuring it by default (before, every imitation run logged it)."""
 
 PRESET_KEY = "preset"
 """The key in the ``mop`` section naming the preset its other values start from."""
@@ -623,7 +634,16 @@ def _add_flag(
         kwargs["choices"] = list(typing.get_args(hint))
     elif base in (int, float):
         kwargs.update(type=base, metavar=base.__name__.upper())
+    elif base is bool:
+        kwargs.update(type=_parse_bool, metavar="{true,false}")
     else:
         kwargs["metavar"] = "SPEC" if key.endswith(".layers") else "STR"
     flags = [f"--{key}", *(f"--{alias}" for alias in aliases)]
     parser.add_argument(*flags, dest=key, **kwargs)
+
+
+def _parse_bool(text: str) -> bool:
+    lowered = text.lower()
+    if lowered not in ("true", "false"):
+        raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+    return lowered == "true"
