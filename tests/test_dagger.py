@@ -202,10 +202,17 @@ class _ZeroMission(TensorDictModuleBase):
 
 def test_grounding_probe_runs_on_both_cores():
     episodes = bot_episodes("GoToRedBall", episodes=3, seed=1)
+    # Cut after the longest first episode: every row's mask is a prefix ending in a done step.
+    mask = episodes["mask"]
+    assert mask[:, -1].any() and (mask.cummin(-1).values == mask).all()
+    assert (episodes["next", "done"].squeeze(-1) & mask).sum(-1).eq(1).all()
+    padded = torch.cat([episodes, episodes[:, -1:].expand(3, 5).clone()], 1)
+    padded["mask"][:, -5:] = False
     for kind in ("mop", "gru"):
         actor, _ = make_policy(kind, mop=SMALL_MOP, gru_hidden_size=16)
         result = grounding_probe(actor.eval(), episodes)
         assert 0 <= result["label_accuracy"] <= 1
+        assert grounding_probe(actor, padded) == result  # what follows the episodes is not read
 
 
 @pytest.mark.parametrize("preset", ["seed", "paper"])

@@ -204,7 +204,8 @@ def evaluate_checkpoint(
 
 @torch.no_grad()
 def bot_episodes(task_id: str | list[str], episodes: int = 64, seed: int = 0) -> TensorDictBase:
-    """``episodes`` held-out episodes driven by the bot, one per row: ``[episodes, max_steps]``.
+    """``episodes`` held-out episodes driven by the bot, one per row: ``[episodes, T]``, ``T``
+    the longest episode's length.
 
     ``"mask"`` is ``True`` on each row's first episode (steps after it ends are padding);
     ``expert_action`` holds the bot's labels, ``is_init`` is ``True`` at ``t = 0``. Levels whose
@@ -234,7 +235,8 @@ def bot_episodes(task_id: str | list[str], episodes: int = 64, seed: int = 0) ->
             env.close()
     done = data["next", "done"].squeeze(-1).long()
     data["mask"] = (done.cumsum(-1) - done) == 0
-    return data
+    # Only padding lies after the longest first episode: the probe need not replay it.
+    return data[:, : int(data["mask"].sum(-1).max())]
 
 
 @torch.no_grad()
