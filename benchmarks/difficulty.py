@@ -9,9 +9,11 @@ its log10. A run that does not reach the
 threshold within ``--max_frames`` counts as not reached (``null`` in the JSON, infinite in the
 median).
 
-Each run is evaluated every ``--interval`` updates and stops at the first evaluation that
-reaches the threshold: it trains one interval, then is resumed for the next (a resumed run is
-the run it would have been uninterrupted), so an easy level costs little. A measurement that
+Each run is evaluated every ``--interval`` updates and stops after the first evaluation that
+reaches the threshold: it trains ``--chunk`` updates (several intervals), then is resumed for
+the next chunk (a resumed run is the run it would have been uninterrupted), so an easy level
+costs little and the start-up of each resume (the probe's bot episodes, the envs) is paid once
+a chunk; the frames are read at the evaluation's resolution whatever the chunk. A measurement that
 was stopped continues its runs from their last evaluation when started again. Results (per run:
 frames, episodes, accuracies) go to ``bench_results/difficulty.json``, and the table prints::
 
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import json
 import math
 import statistics
@@ -73,19 +76,19 @@ def measure(level: str, seed: int, args: argparse.Namespace) -> dict:
             "eval_episodes": 0,
             "run_dir": str(args.run_dir),
             "run_name": f"difficulty-{level_name(level)}-h{args.hidden}-s{seed}",
-            "num_updates": args.interval,
+            "num_updates": args.chunk,
         },
     )
     frames_per_update = config.num_envs * config.unroll_len
     max_updates = max(args.interval, args.max_frames // frames_per_update)
     run_dir = Path(config.run_dir) / config.run_name
     updates = evaluated_updates(run_dir)
-    if updates == 0:  # nothing to continue: a fresh run of one interval
-        run_dir = train(config, overwrite=True)
-        updates = args.interval
+    if updates == 0:  # nothing to continue: a fresh run of one chunk
+        updates = min(args.chunk, max_updates)
+        run_dir = train(dataclasses.replace(config, num_updates=updates), overwrite=True)
     reached = frames_to_threshold(run_dir, args.threshold, frames_per_update)
     while reached is None and updates < max_updates:
-        updates = min(updates + args.interval, max_updates)
+        updates = min(updates + args.chunk, max_updates)
         resume(run_dir, {"num_updates": updates})
         reached = frames_to_threshold(run_dir, args.threshold, frames_per_update)
     path = run_dir / "logs" / "scalars" / "eval" / "label_accuracy.csv"
@@ -107,11 +110,14 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--hidden", type=int, default=64, help="GRU hidden size (paper: 64)")
     parser.add_argument("--threshold", type=float, default=0.9, help="probe label accuracy")
     parser.add_argument("--interval", type=int, default=20, help="updates between evaluations")
+    parser.add_argument("--chunk", type=int, default=100, help="updates per training call")
     parser.add_argument("--probe_episodes", type=int, default=50, help="bot episodes per probe")
     parser.add_argument("--max_frames", type=int, default=1_000_000, help="per run")
     parser.add_argument("--run_dir", type=Path, default=Path("runs/difficulty"))
     parser.add_argument("--out", type=Path, default=Path("bench_results/difficulty.json"))
     args = parser.parse_args(argv)
+    if args.chunk < 1 or args.chunk % args.interval:
+        parser.error(f"--chunk ({args.chunk}) must be a positive multiple of --interval")
     runs = []
     for seed in args.seeds.split(","):  # seed-major: a stopped measurement has every level
         for level in args.levels.split(","):

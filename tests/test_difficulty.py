@@ -1,4 +1,4 @@
-"""benchmarks/difficulty.py: frames to a label-accuracy threshold, one interval at a time."""
+"""benchmarks/difficulty.py: frames to a label-accuracy threshold, trained a chunk at a time."""
 
 from __future__ import annotations
 
@@ -39,8 +39,10 @@ def test_runs_resume_until_the_threshold_or_the_budget(difficulty, tmp_path):
     (continued,) = longer["runs"]
     assert continued["trained_frames"] == 48
     assert continued["label_accuracy"][:2] == run["label_accuracy"]
+    # trained a chunk of 2 updates at a time, it still reads the frames at each evaluation
     flags[flags.index("--run_dir") + 1] = str(tmp_path / "fresh")
+    flags += ["--chunk", "2"]
     at_once = difficulty.main([*flags, "--threshold", "0", "--out", str(tmp_path / "b.json")])
-    assert at_once["runs"][0]["frames"] == 16 and at_once["runs"][0]["trained_frames"] == 16
+    assert at_once["runs"][0]["frames"] == 16 and at_once["runs"][0]["trained_frames"] == 32
     saved = json.loads((tmp_path / "b.json").read_text())
     assert saved["table"]["GoToRedBallNoDists"]["median"] == 16
