@@ -68,14 +68,18 @@ def make_env(
     return env
 
 
-def make_core(kind: str, obs_dim: int, hidden: int, name: str) -> nn.Module:
+def make_core(
+    kind: str, obs_dim: int, hidden: int, name: str, dropout_beta: float | None = None
+) -> nn.Module:
     """A MoP, GRU or LSTM core reading ``observation`` and writing ``{name}_features``, its
     hidden state under ``{name}_state`` (so the actor's and the critic's cores do not share
     keys). MoP: the ``paper`` preset (``0,16,32`` x 3 blocks, D=64, router 16), each block's
     GRUs packed into one (``implementation="packed"``: at these sizes the per-op overhead
-    dominates, and packing cut the recipe's CPU time per frame to 0.78x of the fused path's)."""
+    dominates, and packing cut the recipe's CPU time per frame to 0.78x of the fused path's);
+    ``dropout_beta`` overrides the preset's expert dropout."""
     if kind == "mop":
-        config = MoPConfig.from_preset("paper", input_dim=obs_dim, router_dim=16)
+        extra = {} if dropout_beta is None else {"dropout_beta": dropout_beta}
+        config = MoPConfig.from_preset("paper", input_dim=obs_dim, router_dim=16, **extra)
         return MoPModule(
             config,
             in_key="observation",

@@ -97,14 +97,14 @@ DEFAULTS = {
 
 
 def make_actor_critic(
-    core_kind: str, env: TransformedEnv, hidden: int
+    core_kind: str, env: TransformedEnv, hidden: int, dropout_beta: float | None = None
 ) -> tuple[ProbabilisticActor, TensorDictSequential, list[nn.Module]]:
     """The Zoo's recurrent policy: ``observation → core → Linear(64)+ReLU → head`` for the
     actor (``TanhNormal`` for continuous actions, categorical logits for discrete ones) and a
     separate ``observation → core → Linear(64)+ReLU → value`` critic with its own core."""
     obs_dim = env.observation_spec["observation"].shape[-1]
-    actor_core = make_core(core_kind, obs_dim, hidden, "actor")
-    critic_core = make_core(core_kind, obs_dim, hidden, "critic")
+    actor_core = make_core(core_kind, obs_dim, hidden, "actor", dropout_beta)
+    critic_core = make_core(core_kind, obs_dim, hidden, "critic", dropout_beta)
     width = 64 if core_kind == "mop" else hidden
 
     def mlp(out: int) -> nn.Module:
@@ -163,6 +163,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--reward_scale", type=float, help="reward multiplier for the critic")
     parser.add_argument("--hidden", type=int, default=64, help="GRU/LSTM hidden size")
+    parser.add_argument(
+        "--dropout_beta", type=float, help="MoP expert dropout (default: the preset's)"
+    )
     parser.add_argument("--gamma", type=float)
     parser.add_argument("--lmbda", type=float)
     parser.add_argument(
@@ -196,7 +199,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     # Subnormal activations made the recurrent updates ~4x slower on CPU (measured): flush them.
     torch.set_flush_denormal(True)
     env = make_env(args.env, args.num_envs, args.seed, args.reward_scale)
-    actor, critic, cores = make_actor_critic(args.core, env, args.hidden)
+    actor, critic, cores = make_actor_critic(args.core, env, args.hidden, args.dropout_beta)
     for core in cores:
         env.append_transform(core.make_tensordict_primer())
     # The Zoo's (SB3's) PPO: value loss 0.5 * MSE, gradient norm 0.5, Adam eps 1e-5.
