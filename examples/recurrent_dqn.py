@@ -55,9 +55,15 @@ from masked_control import (  # beside this script
 )
 
 
-def make_qnet(core_kind: str, obs_dim: int, num_actions: int, hidden: int) -> TensorDictSequential:
+def make_qnet(
+    core_kind: str,
+    obs_dim: int,
+    num_actions: int,
+    hidden: int,
+    dropout_beta: float | None = None,
+) -> TensorDictSequential:
     """``observation → core → Linear(64)+ReLU → Q-values → QValueModule`` (greedy action)."""
-    core = make_core(core_kind, obs_dim, hidden, "q")
+    core = make_core(core_kind, obs_dim, hidden, "q", dropout_beta)
     width = 64 if core_kind == "mop" else hidden
     head = TensorDictModule(
         nn.Sequential(nn.Linear(width, 64), nn.ReLU(), nn.Linear(64, num_actions)),
@@ -112,6 +118,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--reward_scale", type=float, default=0.1)
     parser.add_argument("--hidden", type=int, default=64, help="GRU/LSTM hidden size")
     parser.add_argument(
+        "--dropout_beta", type=float, help="MoP expert dropout (default: the preset's)"
+    )
+    parser.add_argument(
         "--alpha", type=float, default=DEFAULT_RL_ALPHA, help="routing cost weight (plain form)"
     )
     parser.add_argument("--seed", type=int, default=0)
@@ -140,7 +149,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
     torch.set_flush_denormal(True)
     env = make_env("cartpole", args.num_envs, args.seed, args.reward_scale, running_norm=False)
     obs_dim = env.observation_spec["observation"].shape[-1]
-    qnet = make_qnet(args.core, obs_dim, env.action_spec_unbatched.n, args.hidden)
+    qnet = make_qnet(
+        args.core, obs_dim, env.action_spec_unbatched.n, args.hidden, args.dropout_beta
+    )
     core = qnet[0]
     env.append_transform(core.make_tensordict_primer())
     target_qnet = copy.deepcopy(qnet).requires_grad_(False)
