@@ -21,7 +21,9 @@ With ``--core mop`` the routing cost of the loss's own replay (both cores) is ad
 loss in the plain form ``α·cost`` (``routing_cost_loss(..., mode="plain")``; ``--alpha 0``
 disables it): the paper's scaled form ``α·cost/(ε + L)`` needs a positive performance measure
 ``L``, and the PPO total (surrogate + critic + entropy) is not one. The default α is
-``DEFAULT_RL_ALPHA``.
+``DEFAULT_RL_ALPHA``. The MoP cores run without expert dropout (``--dropout_beta 0``): with
+it, the ratio ``π_new/π_old`` mixed policy change with two independent dropout draws, and on
+3 seeds the best rolling mean return was 361 / 370 / 273 against 389 / 430 / 412 without.
 """
 
 from __future__ import annotations
@@ -164,7 +166,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--reward_scale", type=float, help="reward multiplier for the critic")
     parser.add_argument("--hidden", type=int, default=64, help="GRU/LSTM hidden size")
     parser.add_argument(
-        "--dropout_beta", type=float, help="MoP expert dropout (default: the preset's)"
+        "--dropout_beta",
+        type=float,
+        default=0.0,
+        help="MoP expert dropout (the preset's is 0.8; off by default: PPO's importance ratios "
+        "compare the policy at collection and in the loss, each drawing its own masks)",
     )
     parser.add_argument("--gamma", type=float)
     parser.add_argument("--lmbda", type=float)

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torchrl.modules import set_recurrent_mode
 
 EXAMPLES = Path(__file__).parent.parent / "examples"
 
@@ -121,3 +122,27 @@ def test_dqn_n_step_targets_cut_at_episode_ends():
     ]
     torch.testing.assert_close(target[0], torch.tensor(expected))
     assert valid[0].tolist() == [True, True, True, True, False]
+
+
+@pytest.mark.slow
+def test_ppo_ratio_is_one_before_an_update_without_expert_dropout():
+    """PPO's first epoch must see ``π_new/π_old = 1``: the recipe's default MoP cores (no expert
+    dropout) replay the collected log-probs exactly in training mode; with the preset's
+    dropout the two draws differ once routing is peaked (experts below γ = 0.1 may drop)."""
+    ppo = load_example("recurrent_ppo")
+    default = ppo.parse_args(["--core", "mop", "--env", "cartpole"]).dropout_beta
+    log_probs = {}
+    for dropout_beta in (default, 0.8):
+        torch.manual_seed(0)
+        env = load_example("masked_control").make_env("cartpole", 2, 0, 0.1)
+        actor, _, cores = ppo.make_actor_critic("mop", env, 64, dropout_beta)
+        for core in cores:
+            env.append_transform(core.make_tensordict_primer())
+            for block in core.core.blocks:  # peaked routing, as after training (~0.86/0.07/0.07)
+                block.router_head.bias.data = torch.tensor([2.5, 0.0, 0.0])
+        data = env.rollout(16, actor, break_when_any_done=False)  # training mode, as collected
+        with torch.no_grad(), set_recurrent_mode(True):
+            replayed = actor.get_dist(data.clone()).log_prob(data["action"])
+        log_probs[dropout_beta] = (data["action_log_prob"], replayed)
+    torch.testing.assert_close(*log_probs[default])
+    assert not torch.allclose(*log_probs[0.8])
