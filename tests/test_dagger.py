@@ -206,6 +206,8 @@ def test_grounding_probe_runs_on_both_cores():
     mask = episodes["mask"]
     assert mask[:, -1].any() and (mask.cummin(-1).values == mask).all()
     assert (episodes["next", "done"].squeeze(-1) & mask).sum(-1).eq(1).all()
+    single = bot_episodes("GoToRedBall", episodes=1, seed=1)  # an unbatched env underneath
+    assert single.batch_dims == 2 and single.shape[0] == 1 and single["mask"][0, -1]
     padded = torch.cat([episodes, episodes[:, -1:].expand(3, 5).clone()], 1)
     padded["mask"][:, -5:] = False
     for kind in ("mop", "gru"):

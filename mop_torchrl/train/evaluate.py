@@ -233,6 +233,8 @@ def bot_episodes(task_id: str | list[str], episodes: int = 64, seed: int = 0) ->
     finally:
         with keep_num_threads():
             env.close()
+    if data.batch_dims == 1:  # one episode: the env is unbatched
+        data = data.unsqueeze(0)
     done = data["next", "done"].squeeze(-1).long()
     data["mask"] = (done.cumsum(-1) - done) == 0
     # Only padding lies after the longest first episode: the probe need not replay it.
