@@ -13,8 +13,8 @@ Each run is evaluated every ``--interval`` updates and stops after the first eva
 reaches the threshold: it trains ``--chunk`` updates (several intervals), then is resumed for
 the next chunk (a resumed run is the run it would have been uninterrupted), so an easy level
 costs little and the start-up of each resume (the probe's bot episodes, the envs) is paid once
-a chunk; the frames are read at the evaluation's resolution whatever the chunk. A measurement that
-was stopped continues its runs from their last evaluation when started again. Results (per run:
+a chunk; the frames are read at the evaluation's resolution whatever the chunk. A measurement
+that was stopped continues its runs from their last evaluation when started again. Results (per run:
 frames, episodes, accuracies) go to ``bench_results/difficulty.json``, and the table prints::
 
     python benchmarks/difficulty.py --levels GoToRedBallNoDists,GoToLocal --seeds 0,1,2
@@ -76,7 +76,6 @@ def measure(level: str, seed: int, args: argparse.Namespace) -> dict:
             "eval_episodes": 0,
             "run_dir": str(args.run_dir),
             "run_name": f"difficulty-{level_name(level)}-h{args.hidden}-s{seed}",
-            "num_updates": args.chunk,
         },
     )
     frames_per_update = config.num_envs * config.unroll_len
