@@ -156,16 +156,21 @@ def test_state_dict_names_are_those_of_checkpoints_written_before_the_parts_were
         assert critic_names[-1] == "module.2.module.bias"
 
 
-def test_cell_embedding_as_multi_hot_product_equals_the_lookup_sum():
+def test_stem_with_the_embedding_folded_in_equals_the_convolution_of_the_lookup_sum():
+    """The stem convolves multi-hot cell codes with the embedding folded into its weights: the
+    same values and gradients as embedding each attribute, summing, then convolving."""
     from mop_torchrl.babyai.policy import ObservationEncoder
 
     torch.manual_seed(0)
     encoder = ObservationEncoder().double()
     image = torch.stack([torch.randint(0, n, (64, 7, 7)) for n in (11, 6, 3)], -1)
-    weight = encoder.cell_embedding.weight
-    lookup = encoder.cell_embedding(image + encoder.attribute_offset).sum(-2)
-    product = encoder._embed_cells(image)
-    torch.testing.assert_close(product, lookup, rtol=0, atol=1e-12)
-    grad_lookup = torch.autograd.grad(lookup.square().sum(), weight)[0]
-    grad_product = torch.autograd.grad(product.square().sum(), weight)[0]
-    torch.testing.assert_close(grad_product, grad_lookup, rtol=0, atol=1e-9)
+    cells = encoder.cell_embedding(image + encoder.attribute_offset).sum(-2)
+    unfolded = torch.relu(encoder.stem(cells.permute(0, 3, 1, 2)))
+    folded = encoder._stem(image)
+    torch.testing.assert_close(folded, unfolded, rtol=0, atol=1e-12)
+    params = [encoder.cell_embedding.weight, encoder.stem.weight, encoder.stem.bias]
+    probe = torch.randn_like(folded)
+    grads_unfolded = torch.autograd.grad((unfolded * probe).sum(), params)
+    grads_folded = torch.autograd.grad((folded * probe).sum(), params)
+    for got, expected in zip(grads_folded, grads_unfolded):
+        torch.testing.assert_close(got, expected, rtol=0, atol=1e-9)

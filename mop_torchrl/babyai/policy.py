@@ -156,14 +156,21 @@ class ObservationEncoder(nn.Module):
         elif not in_range:
             raise ValueError(message)
 
-    def _embed_cells(self, image: torch.Tensor) -> torch.Tensor:
-        """Sum of each cell's three attribute embeddings, ``[N, 7, 7, C]``, as a multi-hot
-        product: the same sum as ``embedding(...).sum(-2)``, but the lookup's backward (a
-        sort over every cell) took a tenth of a training update."""
-        weight = self.cell_embedding.weight
+    def _stem(self, image: torch.Tensor) -> torch.Tensor:
+        """``relu(stem(cells))`` where a cell is the sum of its three attribute embeddings.
+
+        Both maps are linear, so the embedding is folded into the stem's weights and the stem
+        convolves the cells' multi-hot codes (20 channels, not 32): the same function (equal in
+        float64, values and gradients), but no gradient is computed for the stem's input and
+        the embedding lookup's backward (a sort over every cell) is gone. Zero padding is the
+        same in both forms: the embedding has no bias.
+        """
+        table = self.cell_embedding.weight
         index = (image + self.attribute_offset).reshape(-1, len(_ATTRIBUTE_SIZES))
-        multi_hot = weight.new_zeros(index.shape[0], weight.shape[0]).scatter(1, index, 1.0)
-        return (multi_hot @ weight).view(*image.shape[:-1], -1)
+        multi_hot = table.new_zeros(index.shape[0], table.shape[0]).scatter(1, index, 1.0)
+        multi_hot = multi_hot.view(*image.shape[:-1], -1).permute(0, 3, 1, 2)  # channels_last
+        weight = torch.einsum("oikl,vi->ovkl", self.stem.weight, table)
+        return F.relu(F.conv2d(multi_hot, weight, self.stem.bias, padding=1))
 
     def forward(
         self,
@@ -175,7 +182,7 @@ class ObservationEncoder(nn.Module):
         batch = image.shape[:-3]
         image = image.reshape(-1, *image.shape[-3:]).long()
         self._check_cells(image)
-        x = F.relu(self.stem(self._embed_cells(image).permute(0, 3, 1, 2)))
+        x = self._stem(image)
         instr = self.encode_missions(mission.reshape(-1, mission.shape[-1]))
         for film in self.films:
             x = film(x, instr)
