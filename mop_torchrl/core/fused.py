@@ -157,7 +157,7 @@ class _GRUScan(torch.autograd.Function):
             torch.addmm(b_hh, h, w_hh_t, out=gh_t)
             torch.add(gi_rz_t, gh_rz_t, out=rz_t).sigmoid_()
             torch.addcmul(gi_n_t, r_t, gh_n_t, out=n_t).tanh_()
-            h = torch.addcmul(n_t, z_t, h - n_t, out=out_t)
+            h = torch.lerp(n_t, h, z_t, out=out_t)  # n + z (h_in - n)
         # The intermediates are outputs (setup_context style, which torch.func needs).
         return out.transpose(0, 1), h_in, gh_n, rz, n
 
@@ -174,46 +174,45 @@ class _GRUScan(torch.autograd.Function):
         starts, w_hh, h_in, gh_n, rz, n = ctx.saved_tensors
         steps, batch, size = n.shape
         r, z = rz.split(size, -1)
-        # Local derivatives of h_t = n + z (h_in - n), for all steps at once.
-        dz_pre = (h_in - n) * z * (1 - z)
-        da_n = (1 - z) * (1 - n * n)
-        dr_pre = gh_n * r * (1 - r)
+        # h_t = n + z (h_in - n): per step, dh (the gradient reaching h_t) times one
+        # coefficient per target gives, at once, the gradients of W_hh h_in + b_hh's r, z and
+        # n gates and the direct path to h_in; all coefficients are computed for all steps here.
+        coef = n.new_empty(steps, batch, 4, size)
+        da_n = torch.mul(1 - z, 1 - n * n)  # dh -> n's pre-activation
+        torch.mul(da_n * r, gh_n * (1 - r), out=coef[:, :, 0])
+        torch.mul((h_in - n) * z, 1 - z, out=coef[:, :, 1])
+        torch.mul(da_n, r, out=coef[:, :, 2])
+        coef[:, :, 3] = z
         grad_out = grad_out.transpose(0, 1)
-        reset = starts.transpose(0, 1).unsqueeze(-1)
-        d_gh = grad_out.new_empty(steps, batch, 3 * size)  # of W_hh h + b_hh, gates [r, z, n]
-        d_gh_r, d_gh_z, d_gh_n = d_gh.split(size, -1)
-        d_an = grad_out.new_empty(steps, batch, size)  # of the n gate's pre-activation
+        reset = starts.transpose(0, 1).unsqueeze(-1).to(grad_out.dtype)
+        # The gradient reaching h_in at t+1 flows on to h_t unless the state was reset there.
+        keep_next = torch.cat([1 - reset[1:], reset.new_zeros(1, batch, 1)])
+        products = grad_out.new_empty(steps, batch, 4, size)  # dh * coef, per step
+        dh = grad_out.new_empty(steps, batch, size)
         d_stored = grad_out.new_zeros(steps, batch, size) if ctx.needs_input_grad[1] else None
-        per_step = (grad_out, da_n, dr_pre, dz_pre, r, z, reset, d_gh, d_an, d_gh_r, d_gh_z, d_gh_n)
+        d_gh, direct = products.view(steps, batch, 4 * size).split([3 * size, size], -1)
+        per_step = (grad_out, keep_next, reset, dh, coef, products, d_gh, direct)
         per_step = [v.unbind(0)[::-1] for v in per_step]
         stored_grads = d_stored.unbind(0)[::-1] if d_stored is not None else [None] * steps
-        carry = torch.zeros_like(grad_out[0])
+        carry = torch.zeros_like(grad_out[0])  # the gradient reaching h_in at t+1
         for (
             grad_t,
-            da_n_t,
-            dr_pre_t,
-            dz_pre_t,
-            r_t,
-            z_t,
+            keep_t,
             reset_t,
+            dh_t,
+            coef_t,
+            products_t,
             d_gh_t,
-            d_an_t,
-            d_gh_r_t,
-            d_gh_z_t,
-            d_gh_n_t,
+            direct_t,
         ), d_stored_t in zip(zip(*per_step), stored_grads):
-            dh = grad_t + carry
-            torch.mul(dh, da_n_t, out=d_an_t)
-            torch.mul(d_an_t, dr_pre_t, out=d_gh_r_t)
-            torch.mul(dh, dz_pre_t, out=d_gh_z_t)
-            torch.mul(d_an_t, r_t, out=d_gh_n_t)
-            carry = torch.addmm(dh * z_t, d_gh_t, w_hh)
+            torch.addcmul(grad_t, carry, keep_t, out=dh_t)
+            torch.mul(dh_t.unsqueeze(-2), coef_t, out=products_t)
+            carry = torch.addmm(direct_t, d_gh_t, w_hh)
             if d_stored_t is not None:
                 torch.mul(carry, reset_t, out=d_stored_t)
-            carry.masked_fill_(reset_t, 0.0)
         flat = d_gh.reshape(-1, 3 * size)
         d_w, d_b = flat.t() @ h_in.reshape(-1, size), flat.sum(0)
-        d_gh_n.copy_(d_an)  # d_gh becomes the gradient of the input gates
+        torch.mul(dh, da_n, out=products[:, :, 2])  # d_gh becomes the input gates' gradient
         d_stored = None if d_stored is None else d_stored.transpose(0, 1)
         return d_gh.transpose(0, 1), d_stored, None, d_w, d_b
 
