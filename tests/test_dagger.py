@@ -132,11 +132,11 @@ def _cli(*args: str) -> None:
 @pytest.mark.parametrize(
     "extra",
     [
-        ["--collection=overlap"],
+        ["--collection=overlap", "--lr_decay_updates=6"],
         ["--collection=overlap", "--student_action=sample", "--dagger_beta=0.5"],
         [],  # sync collection, the default
     ],
-    ids=["overlap", "overlap-sample-beta", "sync"],
+    ids=["overlap-lr-decay", "overlap-sample-beta", "sync"],
 )
 def test_resume_with_a_non_empty_buffer_is_exact_in_a_fresh_process(tmp_path, extra):
     flags = [f"--{k}={v}" for k, v in TINY.items()] + [f"--run_dir={tmp_path}", *extra]
@@ -150,6 +150,10 @@ def test_resume_with_a_non_empty_buffer_is_exact_in_a_fresh_process(tmp_path, ex
     for name, value in straight["model"]["actor"].items():
         torch.testing.assert_close(resumed["model"]["actor"][name], value, rtol=0, atol=0)
     assert [p.name for p in (tmp_path / "resumed" / "buffers").iterdir()] == ["dagger-00000004"]
+    # The learning rate of the last update (3): decayed linearly over 6 updates, or constant.
+    lr = 1e-3 * (1 - 3 / 6) if "--lr_decay_updates=6" in extra else 1e-3
+    for run in (straight, resumed):
+        assert run["optimizer"]["param_groups"][0]["lr"] == pytest.approx(lr)
 
 
 class MissionLookup(TensorDictModuleBase):

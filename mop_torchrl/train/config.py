@@ -161,6 +161,9 @@ class TrainConfig:
     dagger_beta_updates: int = setting(
         0, "imitation: updates over which β decays linearly to 0 (0: β stays constant)."
     )
+    lr_decay_updates: int = setting(
+        0, "imitation: updates over which the learning rate decays linearly to 0 (0: constant)."
+    )
 
     mop: MoPConfig = dataclasses.field(
         default_factory=lambda: MoPConfig.from_preset("seed"),
@@ -308,6 +311,8 @@ class TrainConfig:
                 )
             if self.dagger_beta > 0 and self.backend != "inprocess":
                 raise ValueError("config key 'dagger_beta' > 0 needs backend 'inprocess'")
+            if self.lr_decay_updates < 0:
+                raise ConfigError("lr_decay_updates", f"must be >= 0, got {self.lr_decay_updates}")
         if self.eval_interval < 0 or self.eval_interval_episodes <= 0:
             raise ValueError(
                 f"config keys 'eval_interval' ({self.eval_interval}) must be >= 0 and "

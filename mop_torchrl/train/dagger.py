@@ -27,7 +27,7 @@ from tensordict.nn import TensorDictModuleBase
 from torchrl._utils import logger as torchrl_logger
 from torchrl.data import LazyTensorStorage, SliceSampler, TensorDictReplayBuffer
 
-__all__ = ["BotMixer", "DaggerDataset", "DumpError", "check_dump", "dagger_beta"]
+__all__ = ["BotMixer", "DaggerDataset", "DumpError", "check_dump", "linear_decay"]
 
 
 class DumpError(ValueError):
@@ -229,16 +229,18 @@ def _is_count(value: object, most: int) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= most
 
 
-def dagger_beta(beta: float, decay_updates: int, update: int) -> float:
-    """DAgger's β at ``update``: ``beta`` decaying linearly to 0 over ``decay_updates``.
+def linear_decay(start: float, decay_updates: int, update: int) -> float:
+    """A schedule's value at ``update``: ``start`` decaying linearly to 0 over
+    ``decay_updates`` (constant when ``decay_updates`` is 0). DAgger's β and the learning rate
+    follow it; computed from the update index, so a resumed run has no schedule state to restore.
 
     Examples:
-        >>> [dagger_beta(0.5, 4, u) for u in (0, 2, 4, 8)], dagger_beta(0.3, 0, 100)
+        >>> [linear_decay(0.5, 4, u) for u in (0, 2, 4, 8)], linear_decay(0.3, 0, 100)
         ([0.5, 0.25, 0.0, 0.0], 0.3)
     """
     if decay_updates <= 0:
-        return beta
-    return beta * max(0.0, 1.0 - update / decay_updates)
+        return start
+    return start * max(0.0, 1.0 - update / decay_updates)
 
 
 class BotMixer(TensorDictModuleBase):

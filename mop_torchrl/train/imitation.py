@@ -25,7 +25,7 @@ from torch import nn
 
 from mop_torchrl.train.collection import segment_batches
 from mop_torchrl.train.config import TrainConfig
-from mop_torchrl.train.dagger import BotMixer, DaggerDataset, dagger_beta
+from mop_torchrl.train.dagger import BotMixer, DaggerDataset, linear_decay
 from mop_torchrl.train.losses import imitation_loss, total_loss
 from mop_torchrl.train.policy import build_policy
 from mop_torchrl.train.run import Run, check_finite
@@ -51,7 +51,7 @@ def train_imitation(config: TrainConfig, resume: bool = False) -> Path:
         keys, config.buffer_frames, config.slice_len, config.burn_in, config.batch_slices
     )
     run.track("dagger", dataset)  # saved with every checkpoint, restored on resume
-    mixer = BotMixer(dagger_beta(config.dagger_beta, config.dagger_beta_updates, run.start_update))
+    mixer = BotMixer(linear_decay(config.dagger_beta, config.dagger_beta_updates, run.start_update))
     student = TensorDictSequential(actor, mixer) if config.dagger_beta > 0 else actor
     batches = segment_batches(student, config, run.start_update, expert=True)
     stats = EpisodeStats(levels=config.levels, total=run.extra.get("episodes", 0))
@@ -65,6 +65,9 @@ def train_imitation(config: TrainConfig, resume: bool = False) -> Path:
             with updates.phase("train", update):
                 dataset.extend(data)
                 actor.train()
+                lr = linear_decay(config.lr, config.lr_decay_updates, update)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
                 for _ in range(config.updates_per_batch):
                     batch = dataset.sample()  # [batch_slices, burn_in + slice_len]
                     losses = loss_module(batch)
@@ -81,7 +84,13 @@ def train_imitation(config: TrainConfig, resume: bool = False) -> Path:
                     metrics.add(losses, "train/")
                     metrics.add({"train/loss": loss, "train/grad_norm": grad_norm})
                 actor.eval()
-            mixer.beta = dagger_beta(config.dagger_beta, config.dagger_beta_updates, update + 1)
-            metrics.add({"train/dagger_beta": mixer.beta, "train/dataset_frames": len(dataset)})
+            mixer.beta = linear_decay(config.dagger_beta, config.dagger_beta_updates, update + 1)
+            metrics.add(
+                {
+                    "train/dagger_beta": mixer.beta,
+                    "train/lr": lr,
+                    "train/dataset_frames": len(dataset),
+                }
+            )
             updates.end(update, data.numel(), metrics, stats)
     return run.dir
