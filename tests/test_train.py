@@ -112,6 +112,7 @@ def test_corrupt_and_incompatible_checkpoints(tmp_path, tiny_config):
         ({"unroll_len": 16, "burn_in": 8, "slice_len": 16}, "burn_in"),
         ({"unroll_len": 16, "buffer_frames": 100}, "buffer_frames"),
         ({"dagger_beta": 1.5}, "dagger_beta"),
+        ({"lr_decay_updates": -1}, "lr_decay_updates"),
         ({"alpha": float("inf")}, "alpha"),
     ],
 )
