@@ -12,7 +12,8 @@ For each α and seed this trains ``--config`` (default ``configs/pathways_mop.ya
 run ``pathways-a<α>-s<seed>`` (resumed if a checkpoint exists, skipped if finished; a run there
 with other settings is refused). With ``--init_checkpoint`` each run is a warm start: it starts
 from that (competent, α=0) policy's weights and trains ``--num_updates`` updates with the cost
-on. It then records ``--episodes``
+on; ``{alpha}`` and ``{seed}`` in the path continue each run of an earlier sweep instead (a
+second stage, e.g. at a lower rate). It then records ``--episodes``
 greedy held-out episodes per level with their routing (``<run>/routes/``, reused when present),
 and writes, under ``--out``:
 
@@ -75,6 +76,9 @@ RUN_KEYS = ("task_id", "level_weights", "init_checkpoint", "alpha", "seed")
 def trained_run(config_path: Path, overrides: dict, alpha: float, seed: int, run_dir: str) -> Path:
     """Trains (or resumes, or skips when finished) the run for ``alpha`` and ``seed``; its
     directory. A finished run there written with other settings is refused, not reused."""
+    if "init_checkpoint" in overrides:  # a template continues each run of an earlier sweep
+        start = overrides["init_checkpoint"].format(alpha=f"{alpha:g}", seed=seed)
+        overrides = {**overrides, "init_checkpoint": start}
     overrides = {
         **overrides,
         "alpha": alpha,
@@ -122,7 +126,9 @@ def main() -> None:
     parser.add_argument("--task_id", help="levels (comma-separated); default: the config's")
     parser.add_argument("--level_weights", help="comma-separated; default: the config's")
     parser.add_argument(
-        "--init_checkpoint", help="warm start every run from this (α=0) checkpoint or run dir"
+        "--init_checkpoint",
+        help="warm start every run from this (α=0) checkpoint or run dir; {alpha} and {seed} in "
+        "it continue each run of an earlier sweep (runs/sweep/pathways-a{alpha}-s{seed})",
     )
     parser.add_argument("--num_updates", type=int, help="updates per run; default: the config's")
     parser.add_argument(
