@@ -1,14 +1,17 @@
 import numpy as np
 import pytest
 import torch
+from minigrid.minigrid_env import MiniGridEnv
 from minigrid.utils.baby_ai_bot import BabyAIBot
 from torchrl.envs import ParallelEnv
 from torchrl.envs.utils import check_env_specs
 
 from mop_torchrl.babyai.batched import BabyAIBatchedEnv
+from mop_torchrl.babyai.bot import BoundedBabyAIBot
 from mop_torchrl.babyai.envs import make_babyai_env, worker_seeds
 from mop_torchrl.babyai.levels import babyai_levels, resolve_level
 from mop_torchrl.babyai.tokenizer import MAX_MISSION_TOKENS, MissionTokenizer
+from mop_torchrl.babyai.view import agent_view
 from mop_torchrl.babyai.wrappers import make_babyai_gym_env
 
 LEVEL = "BabyAI-GoToLocal-v0"
@@ -202,8 +205,6 @@ def test_expert_policy_succeeds_with_path_ratio_one():
 
 
 def test_bot_exceptions_reach_the_env_metrics_apart_from_failures(monkeypatch):
-    from mop_torchrl.babyai.bot import BoundedBabyAIBot
-
     real_replan = BoundedBabyAIBot.replan
 
     def flaky_replan(self, action_taken=None):
@@ -223,16 +224,43 @@ def test_bot_exceptions_reach_the_env_metrics_apart_from_failures(monkeypatch):
     assert env.step(0)[-1]["bot_errors"] == 0  # counted per episode
 
 
-@pytest.mark.parametrize("level", ["PutNextLocal", "GoToLocal,PickupLoc"])
-def test_view_memo_changes_no_observation_or_label(level: str) -> None:
-    """The memoised agent view (computed once per step for the observation and the bot) gives
-    the observations, labels and bot solution lengths of minigrid's own ``gen_obs_grid``."""
+@pytest.mark.parametrize("level", ["GoTo", "PutNextLocal", "GoToLocal,PickupLoc"])
+@pytest.mark.parametrize("see_through_walls", [False, True])
+def test_agent_view_is_minigrids_view(level: str, see_through_walls: bool) -> None:
+    """:func:`agent_view` returns ``gen_obs_grid``'s view: the same cell objects where it sees
+    them (a wall outside the grid), the same mask and encoding, on random walks that open
+    doors and carry objects."""
+    env = make_babyai_gym_env(level, seed=3)
+    rng = np.random.default_rng(0)
+    for level_env in getattr(env.env, "envs", [env.env]):
+        level_env.unwrapped.see_through_walls = see_through_walls
+    env.reset()
+    for _ in range(300):
+        base = env.unwrapped
+        grid, mask = agent_view(base)
+        ref_grid, ref_mask = MiniGridEnv.gen_obs_grid(base)
+        assert np.array_equal(mask, ref_mask) and mask.flags.c_contiguous
+        assert np.array_equal(grid.encode(mask), ref_grid.encode(ref_mask))
+        for cell, ref in zip(grid.grid, ref_grid.grid, strict=True):
+            assert cell is ref or (cell.type == ref.type == "wall" and cell.color == ref.color)
+        _, _, terminated, truncated, _ = env.step(int(rng.integers(0, 6)))
+        if terminated or truncated:
+            env.reset()
 
-    def episodes(memo: bool) -> list:
+
+@pytest.mark.parametrize("level", ["GoTo", "PutNextLocal", "GoToLocal,PickupLoc"])
+def test_view_memo_and_bot_search_change_no_observation_or_label(level: str, monkeypatch) -> None:
+    """The memoised direct view (computed once per step for the observation and the bot) and
+    the bot's own search and map update give the observations, labels and bot solution lengths
+    of minigrid's ``gen_obs_grid`` and ``BabyAIBot``."""
+
+    def episodes(ours: bool) -> list:
         env = make_babyai_gym_env(level, seed=2, expert=True, path_ratio=True)
-        if not memo:
+        if not ours:
             for level_env in getattr(env.env, "envs", [env.env]):
                 del level_env.unwrapped.gen_obs_grid
+            for name in ("_breadth_first_search", "_process_obs"):
+                monkeypatch.setattr(BoundedBabyAIBot, name, getattr(BabyAIBot, name))
         rng = np.random.default_rng(0)
         obs, info = env.reset()
         seen = [(obs["image"].copy(), int(obs["expert_action"]), int(info["bot_solution_length"]))]
@@ -247,7 +275,9 @@ def test_view_memo_changes_no_observation_or_label(level: str) -> None:
                 seen.append((obs["image"].copy(), int(info["bot_solution_length"])))
         return seen
 
-    with_memo, plain = episodes(True), episodes(False)
-    assert len(with_memo) == len(plain)
-    for got, want in zip(with_memo, plain, strict=True):
+    ours = episodes(True)
+    plain = episodes(False)
+    assert len(ours) == len(plain)
+    assert sum(len(step) == 2 for step in plain) >= 1  # an episode ended inside the walk
+    for got, want in zip(ours, plain, strict=True):
         assert np.array_equal(got[0], want[0]) and got[1:] == want[1:]

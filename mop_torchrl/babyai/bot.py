@@ -25,9 +25,10 @@ from __future__ import annotations
 import copy
 import logging
 import time
-from collections import Counter
+from collections import Counter, deque
 from typing import Any
 
+import numpy as np
 import torch
 from minigrid.envs.babyai.core.verifier import AfterInstr, AndInstr, BeforeInstr
 from minigrid.utils.baby_ai_bot import BabyAIBot
@@ -177,6 +178,59 @@ class BoundedBabyAIBot(BabyAIBot):
         if self.max_seconds is not None:
             self._deadline = time.perf_counter() + self.max_seconds
         return int(super().replan(action_taken))
+
+    def _process_obs(self) -> None:
+        # minigrid's loop over the 7x7 view, as one indexed assignment: mark the world cells
+        # the agent sees as seen
+        env = self.mission.unwrapped
+        _, seen = env.gen_obs_grid()
+        size = env.agent_view_size
+        forward, right = env.dir_vec, env.right_vec
+        top_left = env.agent_pos + forward * (size - 1) - right * (size // 2)
+        vi, vj = np.nonzero(seen)
+        xs = top_left[0] - forward[0] * vj + right[0] * vi
+        ys = top_left[1] - forward[1] * vj + right[1] * vi
+        width, height = self.vis_mask.shape
+        inside = (xs >= 0) & (xs < width) & (ys >= 0) & (ys < height)
+        self.vis_mask[xs[inside], ys[inside]] = True
+
+    def _breadth_first_search(self, initial_states, accept_fn, ignore_blockers):
+        # minigrid's search visit for visit (same order, counters and results), with a deque
+        # instead of re-slicing the queue at every pop and plain lists for the grid lookups
+        self.bfs_counter += 1
+        grid = self.mission.unwrapped.grid
+        cells, width, height = grid.grid, grid.width, grid.height
+        seen = self.vis_mask.tolist()
+        queue = deque((state, None) for state in initial_states)
+        previous_pos: dict[tuple[int, int], Any] = {}
+        while queue:
+            (i, j, di, dj), prev_pos = queue.popleft()
+            if (i, j) in previous_pos:
+                continue
+            self.bfs_step_counter += 1
+            if not (0 <= i < width and 0 <= j < height):
+                raise AssertionError(f"search left the grid at {(i, j)}")  # as Grid.get does
+            cell = cells[j * width + i]
+            previous_pos[(i, j)] = prev_pos
+            if accept_fn((i, j), cell):
+                path, pos = [], (i, j)
+                while pos:
+                    path.append(pos)
+                    pos = previous_pos[pos]
+                return path, (i, j), previous_pos
+            if not seen[i][j]:
+                continue
+            if cell:
+                if cell.type == "wall":
+                    continue
+                if cell.type == "door":
+                    if not cell.is_open:
+                        continue
+                elif not ignore_blockers:
+                    continue
+            for dx, dy in ((di, dj), (dj, di), (-dj, -di), (-di, -dj)):  # straight on first
+                queue.append(((i + dx, j + dy, dx, dy), (i, j)))
+        return None, None, previous_pos
 
     def _process_instr(self, instr: Any) -> None:
         # Skip the operands of sequencing instructions already completed in this episode

@@ -19,6 +19,7 @@ import gymnasium as gym
 import minigrid  # noqa: F401  (registers the BabyAI-* ids)
 import numpy as np
 from gymnasium import spaces
+from minigrid.minigrid_env import MiniGridEnv
 
 from mop_torchrl.babyai.bot import (
     DEFAULT_BOT_BUDGET,
@@ -32,6 +33,7 @@ from mop_torchrl.babyai.levels import (
     resolve_levels,
 )
 from mop_torchrl.babyai.tokenizer import MissionTokenizer
+from mop_torchrl.babyai.view import agent_view
 
 __all__ = ["BabyAIObservation", "LevelMixture", "make_babyai_gym_env"]
 
@@ -44,12 +46,15 @@ class _ObsGridMemo:
     The view depends on the grid, the agent's position, direction and carried object, and the
     grid changes only inside ``step`` (which counts ``step_count`` up first) or by ``reset``
     (a new grid object). A deep copy of the env (the bot's path-ratio rollout) copies the memo
-    with it, bound to the copy.
+    with it, bound to the copy. The view itself comes from :func:`agent_view`.
     """
 
     def __init__(self, env: gym.Env) -> None:
         self.env = env
         self.grid = self.carrying = self.state = self.value = None
+        # a level that overrides gen_obs_grid keeps its own; the others get the direct view
+        stock = type(env).gen_obs_grid is MiniGridEnv.gen_obs_grid
+        self.view = agent_view if stock else type(env).gen_obs_grid
 
     def __call__(self, agent_view_size: int | None = None) -> Any:
         env = self.env
@@ -62,7 +67,7 @@ class _ObsGridMemo:
             or env.carrying is not self.carrying
             or state != self.state
         ):
-            self.value = type(env).gen_obs_grid(env)
+            self.value = self.view(env)
             self.grid, self.carrying, self.state = env.grid, env.carrying, state
         return self.value
 
