@@ -28,7 +28,6 @@ import time
 from collections import Counter, deque
 from typing import Any
 
-import numpy as np
 import torch
 from minigrid.envs.babyai.core.verifier import AfterInstr, AndInstr, BeforeInstr
 from minigrid.utils.baby_ai_bot import BabyAIBot
@@ -36,6 +35,7 @@ from tensordict import TensorDictBase
 from tensordict.nn import TensorDictModuleBase
 
 from mop_torchrl.babyai.levels import NUM_ACTIONS
+from mop_torchrl.babyai.view import view_offsets
 
 __all__ = [
     "DEFAULT_BOT_BUDGET",
@@ -184,12 +184,8 @@ class BoundedBabyAIBot(BabyAIBot):
         # the agent sees as seen
         env = self.mission.unwrapped
         _, seen = env.gen_obs_grid()
-        size = env.agent_view_size
-        forward, right = env.dir_vec, env.right_vec
-        top_left = env.agent_pos + forward * (size - 1) - right * (size // 2)
-        vi, vj = np.nonzero(seen)
-        xs = top_left[0] - forward[0] * vj + right[0] * vi
-        ys = top_left[1] - forward[1] * vj + right[1] * vi
+        offsets = view_offsets(int(env.agent_dir), env.agent_view_size)[seen.T.ravel()]
+        xs, ys = offsets[:, 0] + env.agent_pos[0], offsets[:, 1] + env.agent_pos[1]
         width, height = self.vis_mask.shape
         inside = (xs >= 0) & (xs < width) & (ys >= 0) & (ys < height)
         self.vis_mask[xs[inside], ys[inside]] = True

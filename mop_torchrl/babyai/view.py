@@ -20,7 +20,7 @@ from minigrid.core.grid import Grid
 from minigrid.core.world_object import Wall
 from minigrid.minigrid_env import MiniGridEnv
 
-__all__ = ["agent_view"]
+__all__ = ["agent_view", "view_offsets"]
 
 
 @functools.cache
@@ -34,6 +34,15 @@ def _offsets(direction: int, size: int) -> tuple[tuple[int, int], ...]:
         for vj in range(size)
         for vi in range(size)
     )
+
+
+@functools.cache
+def view_offsets(direction: int, size: int) -> np.ndarray:
+    """:func:`_offsets` as an ``int64`` array ``[size * size, 2]`` (flat index ``vj * size + vi``),
+    for vectorised lookups of the world cells in view (the bot's map of seen cells)."""
+    array = np.array(_offsets(direction, size), dtype=np.int64)
+    array.flags.writeable = False
+    return array
 
 
 def _visible(cells: list[Any], size: int) -> list[bool]:
