@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-__all__ = ["functorch_active", "gru_cell", "gru_recurrence", "gru_scan"]
+__all__ = ["functorch_active", "gru_cell", "gru_gates", "gru_recurrence", "gru_scan"]
 
 
 def functorch_active() -> bool:
@@ -46,8 +46,13 @@ def gru_cell(
     where its gate math is written out (``gru_cell`` has no batching rule: vmap would loop)."""
     if not functorch_active():
         return torch.gru_cell(x, h, w_ih, w_hh, b_ih, b_hh)
-    i_r, i_z, i_n = F.linear(x, w_ih, b_ih).chunk(3, -1)
-    h_r, h_z, h_n = F.linear(h, w_hh, b_hh).chunk(3, -1)
+    return gru_gates(F.linear(x, w_ih, b_ih), F.linear(h, w_hh, b_hh), h)
+
+
+def gru_gates(gi: torch.Tensor, gh: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    """The GRU update from input gates ``gi`` and hidden gates ``gh`` (``[r, z, n]`` chunks)."""
+    i_r, i_z, i_n = gi.chunk(3, -1)
+    h_r, h_z, h_n = gh.chunk(3, -1)
     r, z = torch.sigmoid(i_r + h_r), torch.sigmoid(i_z + h_z)
     n = torch.tanh(i_n + r * h_n)
     return n + z * (h - n)

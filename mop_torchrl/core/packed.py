@@ -38,9 +38,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mop_torchrl.core.fused import functorch_active, gru_scan
+from mop_torchrl.core.fused import functorch_active, gru_gates, gru_scan
 
-__all__ = ["PackedGRU", "gru_gates", "pack_grus", "packed_gru_cell", "packed_gru_recurrence"]
+__all__ = ["PackedGRU", "pack_grus", "packed_gru_cell", "packed_gru_recurrence"]
 
 
 class PackedGRU(NamedTuple):
@@ -107,15 +107,6 @@ def packed_gru_cell(x: torch.Tensor, h: torch.Tensor, packed: PackedGRU) -> torc
     return gru_gates(
         F.linear(x, packed.w_ih, packed.b_ih), F.linear(h, packed.w_hh, packed.b_hh), h
     )
-
-
-def gru_gates(gi: torch.Tensor, gh: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-    """The GRU update from input gates ``gi`` and hidden gates ``gh`` (``[r, z, n]`` chunks)."""
-    i_r, i_z, i_n = gi.chunk(3, -1)
-    h_r, h_z, h_n = gh.chunk(3, -1)
-    r, z = torch.sigmoid(i_r + h_r), torch.sigmoid(i_z + h_z)
-    n = torch.tanh(i_n + r * h_n)
-    return n + z * (h - n)
 
 
 def packed_gru_recurrence(
