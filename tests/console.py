@@ -35,8 +35,13 @@ from pathlib import Path
 from typing import Any
 
 SCRIPT = str(Path(sys.executable).parent / "mop-torchrl")
-QUIET = {**os.environ, "TQDM_DISABLE": "1"}
-"""An environment without the progress bar: stderr then holds only what the run prints."""
+QUIET = {**os.environ, "TQDM_DISABLE": "1", "RAY_local_fs_capacity_threshold": "1"}
+"""An environment without the progress bar: stderr then holds only what the run prints.
+
+Ray's raylet warns on the console every 10 s once a disk's free space falls under 5% of its
+size, and it reaches the driver's stderr; on a thin-provisioned CI disk that is 13 GB free of
+252 GB. Threshold 1 keeps the warning for a disk that is actually full.
+"""
 
 PRELOAD = (
     "mop_torchrl.cli",
