@@ -69,6 +69,7 @@ def _eval(args: argparse.Namespace) -> None:
         weight_threshold=args.threshold,
         disable_largest=args.disable_largest,
         probe_episodes=args.probe_episodes,
+        sample=args.sample,
     )
     if args.json:
         print(json.dumps(result))
@@ -268,6 +269,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     evaluate.add_argument("--threshold", type=_fraction, default=0.0, help="MoP weight threshold τ")
     evaluate.add_argument("--disable_largest", action="store_true", help="MoP: no largest expert")
+    evaluate.add_argument(
+        "--sample",
+        action="store_true",
+        help="draw each action from the policy (default: the most probable, as BabyAI validates)",
+    )
     _old_spelling(evaluate, "--disable-largest", "disable_largest", action="store_true")
     evaluate.add_argument("--json", action="store_true", help="print one JSON object")
     evaluate.set_defaults(func=_eval)

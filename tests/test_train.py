@@ -205,3 +205,22 @@ def test_eval_path_ratio_is_missing_without_a_success():
     assert result["path_ratio"] is None and result["bot_errors"] == 0
     with pytest.raises(ValueError, match="episodes"):
         evaluate(actor, "GoToRedBall", episodes=0)
+
+
+def test_eval_samples_actions_on_request_reproducibly():
+    from mop_torchrl.babyai.policy import make_policy
+    from mop_torchrl.train.evaluate import evaluate
+
+    torch.manual_seed(0)
+    actor = make_policy("mop")[0].eval()
+
+    def run(sample: bool) -> dict:
+        torch.manual_seed(1)
+        return evaluate(actor, "GoToRedBall", episodes=2, num_envs=2, sample=sample)
+
+    keys = ("success_rate", "mean_length", "routing_cost")
+    greedy, again = run(False), run(False)
+    sampled, resampled = run(True), run(True)
+    assert [greedy[k] for k in keys] == [again[k] for k in keys]
+    assert [sampled[k] for k in keys] == [resampled[k] for k in keys]  # torch's generator
+    assert sampled["routing_cost"] != greedy["routing_cost"]  # other actions, other states

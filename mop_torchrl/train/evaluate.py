@@ -49,8 +49,13 @@ def evaluate(
     seed: int = 0,
     num_envs: int = 8,
     parallel: bool = False,
+    sample: bool = False,
 ) -> dict[str, Any]:
     """Runs ``episodes`` greedy episodes and reports BabyAI's metrics.
+
+    Greedy (the most probable action) is how BabyAI validates its imitation policies; with
+    ``sample=True`` the actions are drawn from the policy's distribution instead (torch's global
+    generator), which shows how many failures are greedy loops.
 
     Several levels (``"GoToRedBall,GoToLocal"`` or a list) are evaluated one after the other,
     ``episodes`` each: ``result["levels"]`` maps each level's short name to its own result,
@@ -74,9 +79,9 @@ def evaluate(
         raise ValueError(f"episodes and num_envs must be >= 1, got {episodes}, {num_envs}")
     levels = resolve_levels(task_id)
     if len(levels) == 1:
-        return _evaluate_level(actor, levels[0], episodes, seed, num_envs, parallel)
+        return _evaluate_level(actor, levels[0], episodes, seed, num_envs, parallel, sample)
     results = {
-        level_name(level): _evaluate_level(actor, level, episodes, seed, num_envs, parallel)
+        level_name(level): _evaluate_level(actor, level, episodes, seed, num_envs, parallel, sample)
         for level in levels
     }
     return {"task_id": ",".join(levels), **_mean_over_levels(results), "levels": results}
@@ -93,7 +98,13 @@ def _mean_over_levels(results: dict[str, dict[str, Any]]) -> dict[str, Any]:
 
 
 def _evaluate_level(
-    actor: nn.Module, task_id: str, episodes: int, seed: int, num_envs: int, parallel: bool
+    actor: nn.Module,
+    task_id: str,
+    episodes: int,
+    seed: int,
+    num_envs: int,
+    parallel: bool,
+    sample: bool,
 ) -> dict[str, Any]:
     num_envs = min(num_envs, episodes)
     per_env = -(-episodes // num_envs)
@@ -110,7 +121,7 @@ def _evaluate_level(
         actor,
         frames_per_batch=num_envs * 64,
         total_frames=-1,
-        exploration_type=InteractionType.DETERMINISTIC,
+        exploration_type=InteractionType.RANDOM if sample else InteractionType.DETERMINISTIC,
         auto_register_policy_transforms=True,
     )
     finished: list[list[dict[str, float]]] = [[] for _ in range(num_envs)]
@@ -167,6 +178,7 @@ def evaluate_checkpoint(
     weight_threshold: float = 0.0,
     disable_largest: bool = False,
     probe_episodes: int = 64,
+    sample: bool = False,
 ) -> dict[str, Any]:
     """:func:`evaluate` on a checkpoint, with the MoP ablation knobs, and the
     :func:`grounding_probe` on ``probe_episodes`` bot episodes (0 skips it).
@@ -187,7 +199,7 @@ def evaluate_checkpoint(
         )
     for core in cores:
         core.set_inference_knobs(weight_threshold=weight_threshold, disable_largest=disable_largest)
-    result = evaluate(actor, task_id or config.task_id, episodes, seed, num_envs)
+    result = evaluate(actor, task_id or config.task_id, episodes, seed, num_envs, sample=sample)
     if probe_episodes:
         probe = bot_episodes(task_id or config.task_id, probe_episodes, seed)
         result.update(grounding_probe(actor, probe))
@@ -197,6 +209,7 @@ def evaluate_checkpoint(
             "policy": config.policy,
             "weight_threshold": weight_threshold,
             "disable_largest": disable_largest,
+            "sampled_actions": sample,
         }
     )
     return result
