@@ -111,67 +111,79 @@ def _evaluate_level(
     with torch.random.fork_rng(devices=[], enabled=sample):
         if sample:
             torch.manual_seed(seed + EVAL_SEED_OFFSET)
-        num_envs = min(num_envs, episodes)
-        per_env = -(-episodes // num_envs)
-        env = make_babyai_env(
-            task_id,
-            num_envs=num_envs,
-            seed=seed + EVAL_SEED_OFFSET,
-            expert=True,
-            path_ratio=True,
-            parallel=parallel,
-        )
-        collector = Collector(
-            env,
-            actor,
-            frames_per_batch=num_envs * 64,
-            total_frames=-1,
-            exploration_type=InteractionType.RANDOM if sample else InteractionType.DETERMINISTIC,
-            auto_register_policy_transforms=True,
-        )
-        finished: list[list[dict[str, float]]] = [[] for _ in range(num_envs)]
-        costs, frames, start = [], 0, time.perf_counter()
-        try:
-            for data in collector:
-                data = data.reshape(num_envs, -1)
-                frames += data.numel()
-                if ("routing", "cost") in data.keys(True):
-                    costs.append(data["routing", "cost"].mean().item())
-                nxt = data["next"]
-                for i in range(num_envs):
-                    for t in torch.nonzero(nxt["done"][i].reshape(-1)).reshape(-1).tolist():
-                        step = nxt[i, t]
-                        finished[i].append(
-                            {
-                                "success": float(step["success"].item()),
-                                "return": step["episode_reward"].item(),
-                                "length": step["step_count"].item(),
-                                "bot_length": step["bot_solution_length"].item(),
-                                "bot_failures": step["bot_failures"].item(),
-                                "bot_errors": step["bot_errors"].item(),
-                            }
-                        )
-                if all(len(f) >= per_env for f in finished):
-                    break
-        finally:
-            with keep_num_threads():
-                collector.shutdown()
-        kept = [e for env_episodes in finished for e in env_episodes[:per_env]][:episodes]
-        solved = [e for e in kept if e["success"] and e["bot_length"] > 0]
-        mean = lambda values: sum(values) / max(len(values), 1)  # noqa: E731
-        return {
-            "task_id": task_id,
-            "episodes": len(kept),
-            "success_rate": mean([e["success"] for e in kept]),
-            "mean_return": mean([e["return"] for e in kept]),
-            "mean_length": mean([e["length"] for e in kept]),
-            "path_ratio": mean([e["length"] / e["bot_length"] for e in solved]) if solved else None,
-            "routing_cost": mean(costs) if costs else None,
-            "bot_failures": sum(e["bot_failures"] for e in kept),
-            "bot_errors": sum(e["bot_errors"] for e in kept),
-            "frames": frames,
-            "wall_s": time.perf_counter() - start,
-        }
+        return _run_episodes(actor, task_id, episodes, seed, num_envs, parallel, sample)
+
+
+def _run_episodes(
+    actor: nn.Module,
+    task_id: str,
+    episodes: int,
+    seed: int,
+    num_envs: int,
+    parallel: bool,
+    sample: bool,
+) -> dict[str, Any]:
+    num_envs = min(num_envs, episodes)
+    per_env = -(-episodes // num_envs)
+    env = make_babyai_env(
+        task_id,
+        num_envs=num_envs,
+        seed=seed + EVAL_SEED_OFFSET,
+        expert=True,
+        path_ratio=True,
+        parallel=parallel,
+    )
+    collector = Collector(
+        env,
+        actor,
+        frames_per_batch=num_envs * 64,
+        total_frames=-1,
+        exploration_type=InteractionType.RANDOM if sample else InteractionType.DETERMINISTIC,
+        auto_register_policy_transforms=True,
+    )
+    finished: list[list[dict[str, float]]] = [[] for _ in range(num_envs)]
+    costs, frames, start = [], 0, time.perf_counter()
+    try:
+        for data in collector:
+            data = data.reshape(num_envs, -1)
+            frames += data.numel()
+            if ("routing", "cost") in data.keys(True):
+                costs.append(data["routing", "cost"].mean().item())
+            nxt = data["next"]
+            for i in range(num_envs):
+                for t in torch.nonzero(nxt["done"][i].reshape(-1)).reshape(-1).tolist():
+                    step = nxt[i, t]
+                    finished[i].append(
+                        {
+                            "success": float(step["success"].item()),
+                            "return": step["episode_reward"].item(),
+                            "length": step["step_count"].item(),
+                            "bot_length": step["bot_solution_length"].item(),
+                            "bot_failures": step["bot_failures"].item(),
+                            "bot_errors": step["bot_errors"].item(),
+                        }
+                    )
+            if all(len(f) >= per_env for f in finished):
+                break
+    finally:
+        with keep_num_threads():
+            collector.shutdown()
+    kept = [e for env_episodes in finished for e in env_episodes[:per_env]][:episodes]
+    solved = [e for e in kept if e["success"] and e["bot_length"] > 0]
+    mean = lambda values: sum(values) / max(len(values), 1)  # noqa: E731
+    return {
+        "task_id": task_id,
+        "episodes": len(kept),
+        "success_rate": mean([e["success"] for e in kept]),
+        "mean_return": mean([e["return"] for e in kept]),
+        "mean_length": mean([e["length"] for e in kept]),
+        "path_ratio": mean([e["length"] / e["bot_length"] for e in solved]) if solved else None,
+        "routing_cost": mean(costs) if costs else None,
+        "bot_failures": sum(e["bot_failures"] for e in kept),
+        "bot_errors": sum(e["bot_errors"] for e in kept),
+        "frames": frames,
+        "wall_s": time.perf_counter() - start,
+    }
 
 
 def evaluate_checkpoint(
