@@ -78,12 +78,18 @@ def evaluate(
     if episodes < 1 or num_envs < 1:
         raise ValueError(f"episodes and num_envs must be >= 1, got {episodes}, {num_envs}")
     levels = resolve_levels(task_id)
+
+    def run(level: str) -> dict[str, Any]:
+        # Sampled actions come from a generator seeded by the eval seed, the same for every
+        # level; torch's own stream is left as it was.
+        with torch.random.fork_rng(devices=[], enabled=sample):
+            if sample:
+                torch.manual_seed(seed + EVAL_SEED_OFFSET)
+            return _evaluate_level(actor, level, episodes, seed, num_envs, parallel, sample)
+
     if len(levels) == 1:
-        return _evaluate_level(actor, levels[0], episodes, seed, num_envs, parallel, sample)
-    results = {
-        level_name(level): _evaluate_level(actor, level, episodes, seed, num_envs, parallel, sample)
-        for level in levels
-    }
+        return run(levels[0])
+    results = {level_name(level): run(level) for level in levels}
     return {"task_id": ",".join(levels), **_mean_over_levels(results), "levels": results}
 
 
@@ -98,23 +104,6 @@ def _mean_over_levels(results: dict[str, dict[str, Any]]) -> dict[str, Any]:
 
 
 def _evaluate_level(
-    actor: nn.Module,
-    task_id: str,
-    episodes: int,
-    seed: int,
-    num_envs: int,
-    parallel: bool,
-    sample: bool,
-) -> dict[str, Any]:
-    # Sampled actions come from a generator seeded by the eval seed; torch's own stream is
-    # left as it was.
-    with torch.random.fork_rng(devices=[], enabled=sample):
-        if sample:
-            torch.manual_seed(seed + EVAL_SEED_OFFSET)
-        return _run_episodes(actor, task_id, episodes, seed, num_envs, parallel, sample)
-
-
-def _run_episodes(
     actor: nn.Module,
     task_id: str,
     episodes: int,
