@@ -69,7 +69,12 @@ def make_env(
 
 
 def make_core(
-    kind: str, obs_dim: int, hidden: int, name: str, dropout_beta: float | None = None
+    kind: str,
+    obs_dim: int,
+    hidden: int,
+    name: str,
+    dropout_beta: float | None = None,
+    mop_layers: str | None = None,
 ) -> nn.Module:
     """A MoP, GRU or LSTM core reading ``observation`` and writing ``{name}_features``, its
     hidden state under ``{name}_state`` (so the actor's and the critic's cores do not share
@@ -79,6 +84,8 @@ def make_core(
     ``dropout_beta`` overrides the preset's expert dropout."""
     if kind == "mop":
         extra = {} if dropout_beta is None else {"dropout_beta": dropout_beta}
+        if mop_layers is not None:
+            extra["layers"] = mop_layers
         config = MoPConfig.from_preset("paper", input_dim=obs_dim, router_dim=16, **extra)
         return MoPModule(
             config,

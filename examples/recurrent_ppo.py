@@ -100,14 +100,18 @@ DEFAULTS = {
 
 
 def make_actor_critic(
-    core_kind: str, env: TransformedEnv, hidden: int, dropout_beta: float | None = None
+    core_kind: str,
+    env: TransformedEnv,
+    hidden: int,
+    dropout_beta: float | None = None,
+    mop_layers: str | None = None,
 ) -> tuple[ProbabilisticActor, TensorDictSequential, list[nn.Module]]:
     """The Zoo's recurrent policy: ``observation → core → Linear(64)+ReLU → head`` for the
     actor (``TanhNormal`` for continuous actions, categorical logits for discrete ones) and a
     separate ``observation → core → Linear(64)+ReLU → value`` critic with its own core."""
     obs_dim = env.observation_spec["observation"].shape[-1]
-    actor_core = make_core(core_kind, obs_dim, hidden, "actor", dropout_beta)
-    critic_core = make_core(core_kind, obs_dim, hidden, "critic", dropout_beta)
+    actor_core = make_core(core_kind, obs_dim, hidden, "actor", dropout_beta, mop_layers)
+    critic_core = make_core(core_kind, obs_dim, hidden, "critic", dropout_beta, mop_layers)
     width = 64 if core_kind == "mop" else hidden
 
     def mlp(out: int) -> nn.Module:
@@ -173,6 +177,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="MoP expert dropout (the preset's is 0.8; off by default: PPO's importance ratios "
         "compare the policy at collection and in the loss, each drawing its own masks)",
     )
+    parser.add_argument(
+        "--mop_layers",
+        help='MoP expert sizes per block (default: the paper preset\'s "0,16,32" x 3)',
+    )
     parser.add_argument("--gamma", type=float)
     parser.add_argument("--lmbda", type=float)
     parser.add_argument(
@@ -206,7 +214,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
     # Subnormal activations made the recurrent updates ~4x slower on CPU (measured): flush them.
     torch.set_flush_denormal(True)
     env = make_env(args.env, args.num_envs, args.seed, args.reward_scale)
-    actor, critic, cores = make_actor_critic(args.core, env, args.hidden, args.dropout_beta)
+    actor, critic, cores = make_actor_critic(
+        args.core, env, args.hidden, args.dropout_beta, args.mop_layers
+    )
     for core in cores:
         env.append_transform(core.make_tensordict_primer())
     # The Zoo's (SB3's) PPO: value loss 0.5 * MSE, gradient norm 0.5, Adam eps 1e-5.
