@@ -61,9 +61,10 @@ def make_qnet(
     num_actions: int,
     hidden: int,
     dropout_beta: float | None = None,
+    mop_layers: str | None = None,
 ) -> TensorDictSequential:
     """``observation → core → Linear(64)+ReLU → Q-values → QValueModule`` (greedy action)."""
-    core = make_core(core_kind, obs_dim, hidden, "q", dropout_beta)
+    core = make_core(core_kind, obs_dim, hidden, "q", dropout_beta, mop_layers)
     width = 64 if core_kind == "mop" else hidden
     head = TensorDictModule(
         nn.Sequential(nn.Linear(width, 64), nn.ReLU(), nn.Linear(64, num_actions)),
@@ -121,6 +122,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--dropout_beta", type=float, help="MoP expert dropout (default: the preset's)"
     )
     parser.add_argument(
+        "--mop_layers",
+        help='MoP expert sizes per block (default: the paper preset\'s "0,16,32" x 3)',
+    )
+    parser.add_argument(
         "--alpha", type=float, default=DEFAULT_RL_ALPHA, help="routing cost weight (plain form)"
     )
     parser.add_argument("--seed", type=int, default=0)
@@ -150,7 +155,12 @@ def main(argv: Sequence[str] | None = None) -> dict:
     env = make_env("cartpole", args.num_envs, args.seed, args.reward_scale, running_norm=False)
     obs_dim = env.observation_spec["observation"].shape[-1]
     qnet = make_qnet(
-        args.core, obs_dim, env.action_spec_unbatched.n, args.hidden, args.dropout_beta
+        args.core,
+        obs_dim,
+        env.action_spec_unbatched.n,
+        args.hidden,
+        args.dropout_beta,
+        args.mop_layers,
     )
     core = qnet[0]
     env.append_transform(core.make_tensordict_primer())

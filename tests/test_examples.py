@@ -91,6 +91,20 @@ def test_recurrent_recipe_smoke(example, core, tmp_path):
         assert all(abs(sum(w) - 1) < 1e-5 for w in result["routing"])
 
 
+def test_mop_layers_flag_sets_every_recipe_core():
+    """``--mop_layers`` reaches each MoP core of both recipes (the actor's and the critic's in
+    PPO); without it the cores keep the paper preset's three blocks."""
+    ppo, dqn = load_example("recurrent_ppo"), load_example("recurrent_dqn")
+    env = load_example("masked_control").make_env("cartpole", 2, 0, 0.1)
+    for layers, expected in ((None, [[0, 16, 32]] * 3), ("0,32,64", [[0, 32, 64]])):
+        flags = [] if layers is None else ["--mop_layers", layers]
+        args = ppo.parse_args(["--core", "mop", "--env", "cartpole", *flags])
+        _, _, cores = ppo.make_actor_critic("mop", env, 64, 0.0, args.mop_layers)
+        args = dqn.parse_args(["--core", "mop", *flags])
+        cores.append(dqn.make_qnet("mop", 2, 2, 64, None, args.mop_layers)[0])
+        assert [core.config.layers for core in cores] == [expected] * 3
+
+
 def test_dqn_n_step_targets_cut_at_episode_ends():
     """n-step double-DQN targets by hand: a terminal step ends the sum without bootstrap, a sum
     that meets a time-limit truncation is invalid (its next state is not in the row)."""
