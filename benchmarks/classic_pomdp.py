@@ -13,7 +13,8 @@ has every core on the finished seeds; with more, the MoP runs first, as they tak
 CPU). A run whose JSON exists is skipped; each run's output goes to
 ``{task}_{core}_s{seed}.log``. ``--max_wall_s`` makes every run stop early (and save its curve)
 after that many seconds, ``--budget_s`` bounds the whole benchmark, ``--stop_at_target`` stops
-a run once its rolling mean reaches the task's target (all the table needs). Each run's wall
+a run once its rolling mean reaches the task's target (all the table needs), ``--mop_layers``
+gives the MoP cores other expert sizes (write those runs to their own ``--out``). Each run's wall
 time and CPU time are recorded (on a shared machine the CPU time is the comparable one).
 ``--collect`` writes ``summary.json``, prints a markdown table (final return, frames to reach
 the target, frames/s, MoP routing per block) and plots return vs frames (mean and range over
@@ -81,9 +82,11 @@ def start(
     frames: dict[str, int | None],
     max_wall_s: float | None,
     stop_at_target: bool = False,
+    mop_layers: str | None = None,
 ) -> Popen:
     """Starts one example process, its output in ``{name}.log``, one torch thread; with
-    ``stop_at_target`` it stops once its rolling mean reaches the task's target."""
+    ``stop_at_target`` it stops once its rolling mean reaches the task's target; ``mop_layers``
+    sets the MoP cores' expert sizes (the example's ``--mop_layers``)."""
     script, *task_args = TASKS[run.task][0]
     cmd = [sys.executable, str(ROOT / "examples" / script), *task_args]
     cmd += ["--core", run.core, "--seed", str(run.seed), "--out", str(out / f"{run.name}.json")]
@@ -94,6 +97,8 @@ def start(
     if stop_at_target:
         _, target, window = TASKS[run.task]
         cmd += ["--stop_return", str(target), "--stop_window", str(window)]
+    if mop_layers is not None and run.core == "mop":
+        cmd += ["--mop_layers", mop_layers]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     with open(out / f"{run.name}.log", "w") as log:
         return Popen(cmd, stdout=log, stderr=STDOUT, env=env)
@@ -127,6 +132,7 @@ def run_all(
     budget_s: float | None = None,
     cores: tuple[str, ...] = CORES,
     stop_at_target: bool = False,
+    mop_layers: str | None = None,
 ) -> None:
     """Runs every missing (task, core, seed), up to ``jobs`` processes at a time.
 
@@ -148,7 +154,7 @@ def run_all(
                     break
                 limit = left if limit is None else min(limit, left)
             run = queue.pop(0)
-            proc = start(run, out, frames, limit, stop_at_target)
+            proc = start(run, out, frames, limit, stop_at_target, mop_layers)
             running[proc.pid] = (run, proc, time.perf_counter())
         if not running:
             break
@@ -226,7 +232,9 @@ def table(summary: dict) -> str:
                 f"block {b}: " + "/".join(f"{w:.2f}" for w in weights)
                 for b, weights in enumerate(blocks)
             )
-            rows.append(f"\nMoP routing on {s['task']} (experts 0/16/32, mean weights): {text}")
+            rows.append(
+                f"\nMoP routing on {s['task']} (mean weight of each expert, in block order): {text}"
+            )
     return "\n".join(rows)
 
 
@@ -290,6 +298,9 @@ def main() -> None:
         action="store_true",
         help="each run stops once it reaches its task's target (saves CPU)",
     )
+    parser.add_argument(
+        "--mop_layers", help="MoP expert sizes per block (default: the examples' paper preset)"
+    )
     parser.add_argument("--collect", action="store_true", help="summarise finished runs only")
     parser.add_argument("--figure", type=Path, default=Path("docs/figures/classic_pomdp.png"))
     args = parser.parse_args()
@@ -305,6 +316,7 @@ def main() -> None:
             args.budget_s,
             tuple(args.cores),
             args.stop_at_target,
+            args.mop_layers,
         )
     print(table(summarise(args.out)))
     plot(args.out, args.figure)
