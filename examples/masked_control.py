@@ -129,9 +129,13 @@ def reached_return(curve: list[tuple[int, float]], stop_return: float | None, wi
     return stop_return is not None and len(recent) == window and sum(recent) / window >= stop_return
 
 
-def greedy_returns(env: TransformedEnv, policy: nn.Module, task: str) -> torch.Tensor:
+def greedy_returns(
+    env: TransformedEnv, policy: nn.Module, task: str, seed: int = 0
+) -> torch.Tensor:
     """The return of one whole episode per env from a reset, acting deterministically (greedy
-    or the mean action): the RL Zoo's kind of final figure."""
+    or the mean action): the RL Zoo's kind of final figure. The env is seeded first, so that
+    the episodes' starts do not depend on where collection left the env's generators."""
+    env.set_seed(seed)
     with torch.no_grad(), set_exploration_type(ExplorationType.DETERMINISTIC):
         rollout = env.rollout(TASKS[task][2], policy, break_when_any_done=False)
     done = rollout["next", "done"].squeeze(-1)

@@ -91,6 +91,17 @@ def test_recurrent_recipe_smoke(example, core, tmp_path):
         assert all(abs(sum(w) - 1) < 1e-5 for w in result["routing"])
 
 
+@pytest.mark.slow
+def test_ppo_recipe_is_reproducible_given_its_seed():
+    """Two runs with one seed: the same losses, episodes and final greedy returns (the final
+    evaluation seeds its env: where collection leaves the env's generators is not fixed)."""
+    ppo = load_example("recurrent_ppo")
+    argv = [*SMOKE["recurrent_ppo_cartpole"], "--core", "mop", "--seed", "3"]
+    first, second = ppo.main(argv), ppo.main(argv)
+    for key in ("losses", "curve", "final_eval"):
+        assert first[key] == second[key], key
+
+
 def test_mop_layers_flag_sets_every_recipe_core():
     """``--mop_layers`` reaches each MoP core of both recipes (the actor's and the critic's in
     PPO); without it the cores keep the paper preset's three blocks."""
