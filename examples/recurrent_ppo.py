@@ -33,8 +33,10 @@ import argparse
 import json
 import time
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
+from tensordict import TensorDictBase
 from tensordict.nn import (
     NormalParamExtractor,
     TensorDictModule,
@@ -205,6 +207,85 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return args
 
 
+class Learner(NamedTuple):
+    """What a PPO update needs: the loss, GAE, the optimiser, and the routing costs that the MoP
+    cores' forward hooks capture from the loss's own (differentiable) replay."""
+
+    loss_fn: ClipPPOLoss
+    advantage: GAE
+    optimizer: torch.optim.Optimizer
+    costs: list[torch.Tensor]
+
+
+def make_learner(
+    actor: ProbabilisticActor,
+    critic: TensorDictSequential,
+    cores: list[nn.Module],
+    args: argparse.Namespace,
+) -> Learner:
+    """The Zoo's (SB3's) PPO: value loss 0.5 * MSE, Adam eps 1e-5 (gradient norm 0.5 in
+    :func:`ppo_update`); with MoP cores, their replay's routing costs are collected."""
+    loss_fn = ClipPPOLoss(
+        actor,
+        critic,
+        clip_epsilon=0.2,
+        entropy_coeff=0.0,
+        critic_coeff=0.5,
+        loss_critic_type="l2",
+        normalize_advantage=True,
+    )
+    optimizer = torch.optim.Adam(loss_fn.parameters(), lr=args.lr, eps=1e-5)
+    learner = Learner(loss_fn, make_advantage(critic, args.gamma, args.lmbda), optimizer, [])
+    if args.core == "mop":
+        for core in cores:
+            core.register_forward_hook(
+                lambda m, _i, out: (
+                    learner.costs.append(out[m.cost_key]) if out[m.cost_key].requires_grad else None
+                )
+            )
+    return learner
+
+
+def make_collector(
+    env: TransformedEnv,
+    actor: ProbabilisticActor,
+    critic: TensorDictSequential,
+    args: argparse.Namespace,
+) -> Collector:
+    """Batches of ``--num_envs`` x ``--steps_per_batch`` frames. The collector runs the critic
+    too, so that its core's state is carried step by step and stored with the data (else the
+    loss would replay the critic from zeros at every batch)."""
+    return Collector(
+        env,
+        TensorDictSequential(actor, critic),
+        frames_per_batch=args.num_envs * args.steps_per_batch,
+        total_frames=args.frames,
+    )
+
+
+def ppo_update(batch: TensorDictBase, learner: Learner, args: argparse.Namespace) -> list[float]:
+    """GAE over the collected ``[env, time]`` batch, then ``--epochs`` passes over
+    ``--minibatches`` groups of whole env sequences; returns each step's loss."""
+    del batch["state_value"]  # the collection's value; GAE recomputes it for both steps
+    with torch.no_grad(), set_recurrent_mode(True):
+        learner.advantage(batch)
+    losses = []
+    for _ in range(args.epochs):
+        for envs in torch.randperm(args.num_envs).chunk(args.minibatches):
+            learner.costs.clear()
+            out = learner.loss_fn(batch[envs])  # whole sequences per env
+            loss = out["loss_objective"] + out["loss_critic"] + out["loss_entropy"]
+            if learner.costs:
+                cost = torch.cat([c.flatten() for c in learner.costs])
+                loss = routing_cost_loss(loss, cost, args.alpha, mode="plain")
+            learner.optimizer.zero_grad()
+            loss.backward()
+            nn.utils.clip_grad_norm_(learner.loss_fn.parameters(), 0.5)
+            learner.optimizer.step()
+            losses.append(loss.item())
+    return losses
+
+
 def main(argv: Sequence[str] | None = None) -> dict:
     """Trains and returns the curve (per finished episode: frames so far, return), the losses,
     the MoP routing of the last batches and the last collected batch."""
@@ -219,36 +300,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
     )
     for core in cores:
         env.append_transform(core.make_tensordict_primer())
-    # The Zoo's (SB3's) PPO: value loss 0.5 * MSE, gradient norm 0.5, Adam eps 1e-5.
-    loss_fn = ClipPPOLoss(
-        actor,
-        critic,
-        clip_epsilon=0.2,
-        entropy_coeff=0.0,
-        critic_coeff=0.5,
-        loss_critic_type="l2",
-        normalize_advantage=True,
-    )
-    advantage = make_advantage(critic, args.gamma, args.lmbda)
-    optimizer = torch.optim.Adam(loss_fn.parameters(), lr=args.lr, eps=1e-5)
-    # The routing cost of the loss's own (differentiable) replay, captured from the cores.
-    costs: list[torch.Tensor] = []
-    if args.core == "mop":
-        for core in cores:
-            core.register_forward_hook(
-                lambda m, _i, out: (
-                    costs.append(out[m.cost_key]) if out[m.cost_key].requires_grad else None
-                )
-            )
+    learner = make_learner(actor, critic, cores, args)
+    collector = make_collector(env, actor, critic, args)
     frames_per_batch = args.num_envs * args.steps_per_batch
-    # The collector runs the critic too, so that its core's state is carried step by step and
-    # stored with the data (else the loss would replay the critic from zeros at every batch).
-    collector = Collector(
-        env,
-        TensorDictSequential(actor, critic),
-        frames_per_batch=frames_per_batch,
-        total_frames=args.frames,
-    )
 
     curve, losses, routing = [], [], []
     frames, start, reached = 0, time.perf_counter(), False
@@ -263,26 +317,11 @@ def main(argv: Sequence[str] | None = None) -> dict:
         # Linear schedules to 0 over --frames, from the frames seen before this batch.
         remaining = 1 - (frames - frames_per_batch) / args.frames
         if args.anneal_lr:
-            for group in optimizer.param_groups:
+            for group in learner.optimizer.param_groups:
                 group["lr"] = args.lr * remaining
         if args.anneal_clip:
-            loss_fn.clip_epsilon.fill_(0.2 * remaining)
-        del batch["state_value"]  # the collection's value; GAE recomputes it for both steps
-        with torch.no_grad(), set_recurrent_mode(True):
-            advantage(batch)
-        for _ in range(args.epochs):
-            for envs in torch.randperm(args.num_envs).chunk(args.minibatches):
-                costs.clear()
-                out = loss_fn(batch[envs])  # whole sequences per env
-                loss = out["loss_objective"] + out["loss_critic"] + out["loss_entropy"]
-                if costs:
-                    cost = torch.cat([c.flatten() for c in costs])
-                    loss = routing_cost_loss(loss, cost, args.alpha, mode="plain")
-                optimizer.zero_grad()
-                loss.backward()
-                nn.utils.clip_grad_norm_(loss_fn.parameters(), 0.5)
-                optimizer.step()
-                losses.append(loss.item())
+            learner.loss_fn.clip_epsilon.fill_(0.2 * remaining)
+        losses += ppo_update(batch, learner, args)
         recent = [r for _, r in curve[-20:]]
         reached = reached_return(curve, args.stop_return, args.stop_window)
         print(
