@@ -21,8 +21,6 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 DEFAULT_VARIANTS = ["gru", "mop:0,16,32;0,16,32;0,16,32", "mop:0,32,64"]
 
@@ -40,7 +38,7 @@ def build(ppo, task: str, variant: str, seed: int):
     """The recipe's collector iterator, learner and flags for one core variant."""
     kind, _, layers = variant.partition(":")
     args = ppo.parse_args(["--env", task, "--core", kind, "--seed", str(seed)])
-    torch.manual_seed(seed)
+    ppo.configure_torch(seed)
     env = ppo.make_env(task, args.num_envs, seed, args.reward_scale)
     actor, critic, cores = ppo.make_actor_critic(
         kind, env, args.hidden, args.dropout_beta, layers or None
@@ -70,8 +68,6 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, help="write the timings here (JSON)")
     args = parser.parse_args()
-    torch.set_num_threads(1)
-    torch.set_flush_denormal(True)  # as the recipe does
     ppo = load_recipe()
     setups = {v: build(ppo, args.task, v, args.seed) for v in args.variants}
     for setup in setups.values():  # one untimed batch each: first-call costs

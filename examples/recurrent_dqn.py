@@ -47,6 +47,7 @@ from mop_torchrl import routing_cost_loss
 from mop_torchrl.core.config import DEFAULT_RL_ALPHA
 
 from masked_control import (  # beside this script
+    configure_torch,
     finished_episodes,
     greedy_returns,
     make_core,
@@ -148,10 +149,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     """Trains and returns the curve (per finished episode: frames so far, return), the losses,
     the MoP routing of the last batches and the last collected batch."""
     args = parse_args(argv)
-    torch.manual_seed(args.seed)
-    torch.set_num_threads(1)
-    # Subnormal activations made the recurrent updates ~4x slower on CPU (measured): flush them.
-    torch.set_flush_denormal(True)
+    configure_torch(args.seed)
     env = make_env("cartpole", args.num_envs, args.seed, args.reward_scale, running_norm=False)
     obs_dim = env.observation_spec["observation"].shape[-1]
     qnet = make_qnet(

@@ -60,6 +60,7 @@ from mop_torchrl.core.config import DEFAULT_RL_ALPHA
 
 from masked_control import (  # beside this script
     TASKS,
+    configure_torch,
     finished_episodes,
     greedy_returns,
     make_core,
@@ -290,10 +291,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     """Trains and returns the curve (per finished episode: frames so far, return), the losses,
     the MoP routing of the last batches and the last collected batch."""
     args = parse_args(argv)
-    torch.manual_seed(args.seed)
-    torch.set_num_threads(1)
-    # Subnormal activations made the recurrent updates ~4x slower on CPU (measured): flush them.
-    torch.set_flush_denormal(True)
+    configure_torch(args.seed)
     env = make_env(args.env, args.num_envs, args.seed, args.reward_scale)
     actor, critic, cores = make_actor_critic(
         args.core, env, args.hidden, args.dropout_beta, args.mop_layers
