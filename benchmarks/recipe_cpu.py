@@ -1,7 +1,7 @@
 """CPU time per frame of the recurrent PPO recipe, by core: GRU(64) against MoP cores.
 
     python benchmarks/recipe_cpu.py --task cartpole --batches 6
-    python benchmarks/recipe_cpu.py --task pendulum --variants gru mop:0,16,32;0,16,32;0,16,32
+    python benchmarks/recipe_cpu.py --task pendulum --variants gru lstm "mop:0,16,32;0,16,32"
 
 Builds ``examples/recurrent_ppo.py``'s env, actor, critic, learner and collector once per
 variant (``gru``, ``lstm``, or ``mop:LAYERS``), then times what one batch costs the recipe:
