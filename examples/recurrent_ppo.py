@@ -160,7 +160,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--num_envs", type=int)
     parser.add_argument("--steps_per_batch", type=int, help="steps per env per batch")
     parser.add_argument("--epochs", type=int)
-    parser.add_argument("--minibatches", type=int, help="groups of whole env sequences")
+    parser.add_argument("--minibatches", type=int, help="groups of sequences per epoch")
+    parser.add_argument(
+        "--chunk_steps",
+        type=int,
+        help="cut each env's sequence into chunks of this many steps, each replayed from its "
+        "stored state (sb3-contrib's RecurrentPPO minibatches); default: whole sequences",
+    )
     parser.add_argument("--lr", type=float)
     parser.add_argument(
         "--anneal_lr", action=argparse.BooleanOptionalAction, default=True, help="linearly to 0"
@@ -205,6 +211,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     for name, value in DEFAULTS[args.env].items():
         if getattr(args, name) is None:
             setattr(args, name, value)
+    if args.chunk_steps is not None and (
+        args.chunk_steps < 1 or args.steps_per_batch % args.chunk_steps
+    ):
+        parser.error(
+            f"--chunk_steps {args.chunk_steps} must divide --steps_per_batch {args.steps_per_batch}"
+        )
     return args
 
 
@@ -234,8 +246,9 @@ def make_learner(
         critic_coeff=0.5,
         loss_critic_type="l2",
         normalize_advantage=True,
+        functional=False,
     )
-    optimizer = torch.optim.Adam(loss_fn.parameters(), lr=args.lr, eps=1e-5)
+    optimizer = torch.optim.Adam(loss_fn.parameters(), lr=args.lr, eps=1e-5, fused=True)
     learner = Learner(loss_fn, make_advantage(critic, args.gamma, args.lmbda), optimizer, [])
     if args.core == "mop":
         for core in cores:
@@ -266,15 +279,21 @@ def make_collector(
 
 def ppo_update(batch: TensorDictBase, learner: Learner, args: argparse.Namespace) -> list[float]:
     """GAE over the collected ``[env, time]`` batch, then ``--epochs`` passes over
-    ``--minibatches`` groups of whole env sequences; returns each step's loss."""
+    ``--minibatches`` groups of sequences (whole per-env sequences, or ``--chunk_steps``-step
+    chunks of them); returns each step's loss."""
     del batch["state_value"]  # the collection's value; GAE recomputes it for both steps
     with torch.no_grad(), set_recurrent_mode(True):
         learner.advantage(batch)
+    if args.chunk_steps is not None:
+        # [env, time] -> [env * chunks, chunk_steps]: each chunk starts from the cores' states
+        # stored at its first step (recurrent mode reads them there), as sb3-contrib's do.
+        envs, steps = batch.shape
+        batch = batch.reshape(envs * (steps // args.chunk_steps), args.chunk_steps)
     losses = []
     for _ in range(args.epochs):
-        for envs in torch.randperm(args.num_envs).chunk(args.minibatches):
+        for rows in torch.randperm(batch.shape[0]).chunk(args.minibatches):
             learner.costs.clear()
-            out = learner.loss_fn(batch[envs])  # whole sequences per env
+            out = learner.loss_fn(batch[rows])
             loss = out["loss_objective"] + out["loss_critic"] + out["loss_entropy"]
             if learner.costs:
                 cost = torch.cat([c.flatten() for c in learner.costs])

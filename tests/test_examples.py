@@ -171,3 +171,24 @@ def test_ppo_ratio_is_one_before_an_update_without_expert_dropout():
         log_probs[dropout_beta] = (data["action_log_prob"], replayed)
     torch.testing.assert_close(*log_probs[default])
     assert not torch.allclose(*log_probs[0.8])
+
+
+@pytest.mark.parametrize("core", ["mop", "gru"])
+def test_ppo_chunks_replay_from_their_stored_states(core):
+    """``--chunk_steps``: cut into chunks, the collected sequences replay the collected
+    log-probs, each chunk starting from the core's state stored at its first step (not from
+    zeros); a chunk length that does not divide the batch's steps is refused."""
+    ppo = load_example("recurrent_ppo")
+    torch.manual_seed(0)
+    env = load_example("masked_control").make_env("cartpole", 2, 0, 0.1)
+    actor, _, cores = ppo.make_actor_critic(core, env, 64)
+    for module in cores:
+        env.append_transform(module.make_tensordict_primer())
+    data = env.rollout(16, actor, break_when_any_done=False)  # [2 envs, 16 steps]
+    chunks = data.reshape(8, 4)
+    assert not chunks["is_init"][:, 0].all()  # most chunks start inside an episode
+    with torch.no_grad(), set_recurrent_mode(True):
+        replayed = actor.get_dist(chunks.clone()).log_prob(chunks["action"])
+    torch.testing.assert_close(replayed, chunks["action_log_prob"])
+    with pytest.raises(SystemExit):
+        ppo.parse_args(["--env", "cartpole", "--chunk_steps", "5"])  # 32 steps per batch
