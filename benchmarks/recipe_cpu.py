@@ -43,8 +43,7 @@ def build(ppo, task: str, variant: str, seed: int):
     actor, critic, cores = ppo.make_actor_critic(
         kind, env, args.hidden, args.dropout_beta, layers or None
     )
-    for core in cores:
-        env.append_transform(core.make_tensordict_primer())
+    env.append_transform(ppo.get_primers_from_module(ppo.TensorDictSequential(actor, critic)))
     args.frames = -1  # collect until told to stop
     learner = ppo.make_learner(actor, critic, cores, args)
     return iter(ppo.make_collector(env, actor, critic, args)), learner, args

@@ -43,15 +43,17 @@ from tensordict.nn import (
     TensorDictSequential,
 )
 from torch import nn
-from torch.distributions import Categorical
+from torch.distributions import Categorical, Independent, Normal
 from torchrl.collectors import Collector
 from torchrl.data import Categorical as CategoricalSpec
-from torchrl.envs import TransformedEnv
+from torchrl.data import Composite, Unbounded
+from torchrl.envs import TensorDictPrimer, TransformedEnv
 from torchrl.modules import (
     ProbabilisticActor,
     TanhNormal,
     set_recurrent_mode,
 )
+from torchrl.modules.utils import get_primers_from_module
 from torchrl.objectives import ClipPPOLoss
 from torchrl.objectives.value import GAE
 
@@ -102,15 +104,68 @@ DEFAULTS = {
 }
 
 
+class StateDependentNoise(nn.Module):
+    """gSDE (Raffin et al., 2022; SB3's ``use_sde``), the Zoo's exploration on Pendulum: from the
+    actor's latent features ``z``, the mean action, the std ``sqrt(z² · σ² + 1e-6)`` and the
+    noise ``z · (σ ⊙ ε)``, where ``ε`` is a ``[latent, action]`` matrix per env, drawn from
+    N(0, 1) at every ``sample_freq``-th step of an episode and carried between steps like a
+    recurrent state (key ``gsde_eps``, declared by :meth:`make_tensordict_primer`). The noise
+    is smooth in time and scales with the state; ``z`` is detached from the std and the noise,
+    as in SB3 (``learn_features=False``); ``σ = exp(log_std)``, ``log_std`` starting at 0."""
+
+    def __init__(self, latent_dim: int, action_dim: int, sample_freq: int) -> None:
+        super().__init__()
+        self.mean = nn.Linear(latent_dim, action_dim)
+        self.log_std = nn.Parameter(torch.zeros(latent_dim, action_dim))
+        self.sample_freq = sample_freq
+
+    def forward(
+        self, latent: torch.Tensor, eps: torch.Tensor, step_count: torch.Tensor
+    ) -> tuple[torch.Tensor, ...]:
+        std, z = self.log_std.exp(), latent.detach()
+        redraw = (step_count % self.sample_freq == 0).unsqueeze(-1)  # [..., 1, 1]
+        eps = torch.where(redraw, torch.randn_like(eps), eps)
+        noise = (z.unsqueeze(-2) @ (std * eps)).squeeze(-2)
+        scale = (z.pow(2) @ std.pow(2) + 1e-6).sqrt()
+        return self.mean(latent), scale, noise, eps
+
+    def make_tensordict_primer(self) -> TensorDictPrimer:
+        return TensorDictPrimer(
+            Composite(gsde_eps=Unbounded(shape=tuple(self.log_std.shape))), expand_specs=True
+        )
+
+
+class GSDENormal(Independent):
+    """A diagonal Normal (the log-probabilities PPO needs) whose samples are the gSDE action
+    ``loc + noise``; its deterministic sample is ``loc``."""
+
+    def __init__(self, loc: torch.Tensor, scale: torch.Tensor, noise: torch.Tensor) -> None:
+        super().__init__(Normal(loc, scale), 1)
+        self.noise = noise
+
+    def rsample(self, sample_shape: tuple[int, ...] = ()) -> torch.Tensor:
+        return (self.base_dist.loc + self.noise).expand(*sample_shape, *self.noise.shape)
+
+    def sample(self, sample_shape: tuple[int, ...] = ()) -> torch.Tensor:
+        with torch.no_grad():
+            return self.rsample(sample_shape)
+
+    @property
+    def deterministic_sample(self) -> torch.Tensor:
+        return self.base_dist.loc
+
+
 def make_actor_critic(
     core_kind: str,
     env: TransformedEnv,
     hidden: int,
     dropout_beta: float | None = None,
     mop_layers: str | None = None,
+    gsde_freq: int = 0,
 ) -> tuple[ProbabilisticActor, TensorDictSequential, list[nn.Module]]:
     """The Zoo's recurrent policy: ``observation → core → Linear(64)+ReLU → head`` for the
-    actor (``TanhNormal`` for continuous actions, categorical logits for discrete ones) and a
+    actor (``TanhNormal`` for continuous actions, or with ``gsde_freq`` a Normal with gSDE
+    exploration, :class:`StateDependentNoise`; categorical logits for discrete ones) and a
     separate ``observation → core → Linear(64)+ReLU → value`` critic with its own core."""
     obs_dim = env.observation_spec["observation"].shape[-1]
     actor_core = make_core(core_kind, obs_dim, hidden, "actor", dropout_beta, mop_layers)
@@ -124,6 +179,20 @@ def make_actor_critic(
     if isinstance(action_spec, CategoricalSpec):
         policy_head = TensorDictModule(mlp(action_spec.n), ["actor_features"], ["logits"])
         dist_keys, dist_class, dist_kwargs = ["logits"], Categorical, {}
+    elif gsde_freq:
+        noise = StateDependentNoise(64, action_spec.shape[-1], gsde_freq)
+        policy_head = TensorDictSequential(
+            TensorDictModule(
+                nn.Sequential(nn.Linear(width, 64), nn.ReLU()), ["actor_features"], ["actor_latent"]
+            ),
+            TensorDictModule(
+                noise,
+                ["actor_latent", "gsde_eps", "step_count"],
+                ["loc", "scale", "gsde_noise", ("next", "gsde_eps")],
+            ),
+        )
+        dist_keys = {"loc": "loc", "scale": "scale", "noise": "gsde_noise"}
+        dist_class, dist_kwargs = GSDENormal, {}
     else:
         policy_head = TensorDictModule(
             nn.Sequential(mlp(2 * action_spec.shape[-1]), NormalParamExtractor()),
@@ -189,6 +258,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--mop_layers",
         help='MoP expert sizes per block (default: the paper preset\'s "0,16,32" x 3)',
+    )
+    parser.add_argument(
+        "--gsde_freq",
+        type=int,
+        default=0,
+        help="Pendulum: gSDE exploration, its noise redrawn every this many steps (the Zoo: 4); "
+        "0: a TanhNormal",
     )
     parser.add_argument("--gamma", type=float)
     parser.add_argument("--lmbda", type=float)
@@ -313,10 +389,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
     configure_torch(args.seed)
     env = make_env(args.env, args.num_envs, args.seed, args.reward_scale)
     actor, critic, cores = make_actor_critic(
-        args.core, env, args.hidden, args.dropout_beta, args.mop_layers
+        args.core, env, args.hidden, args.dropout_beta, args.mop_layers, args.gsde_freq
     )
-    for core in cores:
-        env.append_transform(core.make_tensordict_primer())
+    # every state carried between steps: the cores' (and gSDE's noise matrix)
+    env.append_transform(get_primers_from_module(TensorDictSequential(actor, critic)))
     learner = make_learner(actor, critic, cores, args)
     collector = make_collector(env, actor, critic, args)
     frames_per_batch = args.num_envs * args.steps_per_batch

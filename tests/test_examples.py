@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torchrl.envs.utils import ExplorationType, set_exploration_type
 from torchrl.modules import set_recurrent_mode
 
 EXAMPLES = Path(__file__).parent.parent / "examples"
@@ -192,3 +193,25 @@ def test_ppo_chunks_replay_from_their_stored_states(core):
     torch.testing.assert_close(replayed, chunks["action_log_prob"])
     with pytest.raises(SystemExit):
         ppo.parse_args(["--env", "cartpole", "--chunk_steps", "5"])  # 32 steps per batch
+
+
+def test_gsde_actor_explores_smoothly_and_replays_its_log_probs():
+    """``--gsde_freq 4``: the noise matrix is carried between steps and redrawn at every 4th
+    step of an episode; the action is the mean plus that state-dependent noise, and PPO's
+    replay of the collected data gives the collected log-probs (ratio 1 before an update)."""
+    ppo = load_example("recurrent_ppo")
+    torch.manual_seed(0)
+    env = load_example("masked_control").make_env("pendulum", 2, 0, 0.1)
+    actor, critic, _ = ppo.make_actor_critic("gru", env, 64, gsde_freq=4)
+    env.append_transform(ppo.get_primers_from_module(ppo.TensorDictSequential(actor, critic)))
+    with set_exploration_type(ExplorationType.RANDOM):  # as a collector samples
+        data = env.rollout(12, actor, break_when_any_done=False)  # [2 envs, 12 steps]
+    eps = data["next", "gsde_eps"]
+    changed = (eps[:, 1:] != eps[:, :-1]).flatten(2).any(-1)  # [2, 11]: drawn at step t+1
+    step = data["step_count"][:, 1:].squeeze(-1)
+    assert (changed == (step % 4 == 0)).all()
+    torch.testing.assert_close(data["action"], data["loc"] + data["gsde_noise"])
+    assert data["gsde_noise"].abs().min() > 0
+    with torch.no_grad(), set_recurrent_mode(True):
+        replayed = actor.get_dist(data.clone()).log_prob(data["action"])
+    torch.testing.assert_close(replayed, data["action_log_prob"])
