@@ -10,11 +10,13 @@ only (``PendulumNoVel``), built by ``masked_control.py`` beside this script (it 
 velocities, so they have to be inferred from memory). The recipe is the RL Zoo's recurrent PPO
 (``hyperparams/ppo_lstm.yml``, sb3-contrib's ``RecurrentPPO``) in TorchRL's parts:
 observations normalised by ``VecNorm``, rewards scaled by ``RewardScaling``; an actor ``core →
-Linear(64)+ReLU → head`` (categorical logits on CartPole, ``TanhNormal`` on Pendulum) and a
-critic with **its own** core (``enable_critic_lstm``); TorchRL's ``ClipPPOLoss`` (value loss
-0.5·MSE, gradient norm 0.5) on whole per-env sequences (it enters recurrent mode by itself) with
-advantages from ``GAE``, which does not: it runs inside ``set_recurrent_mode(True)``. Each task
-has its own defaults (``DEFAULTS``); any flag overrides them.
+Linear(64)+ReLU → head`` (categorical logits on CartPole; on Pendulum a Normal with gSDE
+exploration, :class:`StateDependentNoise`) and a critic with **its own** core
+(``enable_critic_lstm``); TorchRL's ``ClipPPOLoss`` (value loss 0.5·MSE, gradient norm 0.5) on
+whole per-env sequences or, on Pendulum, 128-step chunks of them, each replayed from the states
+stored at its first step (it enters recurrent mode by itself), with advantages from ``GAE``,
+which does not: it runs inside ``set_recurrent_mode(True)``. Each task has its own defaults
+(``DEFAULTS``); any flag overrides them.
 
 ``GAE(..., deactivate_vmap=True)``: a GRU/LSTM critic fails under ``vmap`` in torchrl 0.14.
 With ``--core mop`` the routing cost of the loss's own replay (both cores) is added to the PPO
@@ -71,20 +73,24 @@ from masked_control import (  # beside this script
 )
 
 # Per-task defaults of the flags below (None there); a flag given on the command line wins.
-# CartPole is the RL Zoo's recurrent PPO for CartPoleNoVel (hyperparams/ppo_lstm.yml: 8 envs x
-# 32 steps in one minibatch of 256, gamma 0.98, lambda 0.8, 20 epochs, lr 1e-3 and clip 0.2
-# both linearly to 0, normalised observations and rewards); the schedules run over --frames.
-# Pendulum keeps the Zoo's gamma 0.9 and lambda 0.95 with 16 envs x 64 steps in 4 minibatches
-# and 5 epochs (the Zoo: 4 envs x 1024 steps, 10 epochs, gSDE) to fit a CPU budget.
+# Both are the RL Zoo's recurrent PPO (hyperparams/ppo_lstm.yml). CartPoleNoVel: 8 envs x 32
+# steps in one minibatch of 256, gamma 0.98, lambda 0.8, 20 epochs, lr 1e-3 and clip 0.2 both
+# linearly to 0 (over --frames). PendulumNoVel: 4 envs x 1024 steps, 10 epochs of minibatches of
+# 128 steps (sb3-contrib's default batch_size: here 32 chunks of 128 steps, one per minibatch),
+# gamma 0.9, lambda 0.95, lr 1e-3 and clip 0.2 constant, gSDE redrawn every 4 steps. Both
+# normalise observations and rewards.
 DEFAULTS = {
     "pendulum": {
-        "frames": 245_760,
-        "num_envs": 16,
-        "steps_per_batch": 64,
-        "epochs": 5,
-        "minibatches": 4,
+        "frames": 151_552,
+        "num_envs": 4,
+        "steps_per_batch": 1024,
+        "epochs": 10,
+        "minibatches": 32,
+        "chunk_steps": 128,
         "lr": 1e-3,
+        "anneal_lr": False,
         "anneal_clip": False,
+        "gsde_freq": 4,
         "reward_scale": 0.1,
         "gamma": 0.9,
         "lmbda": 0.95,
@@ -96,7 +102,9 @@ DEFAULTS = {
         "epochs": 20,
         "minibatches": 1,
         "lr": 1e-3,
+        "anneal_lr": True,
         "anneal_clip": True,
+        "gsde_freq": 0,
         "reward_scale": 0.1,
         "gamma": 0.98,
         "lmbda": 0.8,
@@ -238,7 +246,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--lr", type=float)
     parser.add_argument(
-        "--anneal_lr", action=argparse.BooleanOptionalAction, default=True, help="linearly to 0"
+        "--anneal_lr", action=argparse.BooleanOptionalAction, default=None, help="linearly to 0"
     )
     parser.add_argument(
         "--anneal_clip",
@@ -262,8 +270,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--gsde_freq",
         type=int,
-        default=0,
-        help="Pendulum: gSDE exploration, its noise redrawn every this many steps (the Zoo: 4); "
+        help="continuous actions: gSDE exploration, its noise redrawn every this many steps; "
         "0: a TanhNormal",
     )
     parser.add_argument("--gamma", type=float)

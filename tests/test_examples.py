@@ -48,13 +48,15 @@ def load_example(name: str):
     return module
 
 
+PPO_SMOKE = [
+    *("--frames", "128", "--num_envs", "4", "--steps_per_batch", "16"),
+    *("--epochs", "1", "--minibatches", "2"),
+]
 SMOKE = {
-    "recurrent_ppo": [
-        *("--frames", "128", "--num_envs", "4", "--steps_per_batch", "16"),
-        *("--epochs", "1", "--minibatches", "2"),
-    ],
+    # Pendulum's defaults replay 8-step chunks with gSDE; CartPole's, whole sequences
+    "recurrent_ppo": [*PPO_SMOKE, "--chunk_steps", "8"],
+    "recurrent_ppo_cartpole": [*PPO_SMOKE, "--env", "cartpole"],
 }
-SMOKE["recurrent_ppo_cartpole"] = [*SMOKE["recurrent_ppo"], "--env", "cartpole"]
 SMOKE["recurrent_dqn"] = [
     *("--frames", "512", "--num_envs", "4", "--seq_len", "32", "--burn_in", "8"),
     *("--warmup", "128", "--batch_rows", "4", "--updates_per_batch", "2"),
