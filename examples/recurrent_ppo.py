@@ -119,12 +119,17 @@ class StateDependentNoise(nn.Module):
     N(0, 1) at every ``sample_freq``-th step of an episode and carried between steps like a
     recurrent state (key ``gsde_eps``, declared by :meth:`make_tensordict_primer`). The noise
     is smooth in time and scales with the state; ``z`` is detached from the std and the noise,
-    as in SB3 (``learn_features=False``); ``σ = exp(log_std)``, ``log_std`` starting at 0."""
+    as in SB3 (``learn_features=False``); ``σ = exp(log_std)``, ``log_std`` starting at
+    ``log_std_init`` (SB3's, 0 by default). The noise scales with ``|z|``, so a core whose
+    features are larger (MoP's are layer-normed: norm ~8 against a GRU's ~0.8) starts out
+    exploring more for the same ``log_std_init``."""
 
-    def __init__(self, latent_dim: int, action_dim: int, sample_freq: int) -> None:
+    def __init__(
+        self, latent_dim: int, action_dim: int, sample_freq: int, log_std_init: float = 0.0
+    ) -> None:
         super().__init__()
         self.mean = nn.Linear(latent_dim, action_dim)
-        self.log_std = nn.Parameter(torch.zeros(latent_dim, action_dim))
+        self.log_std = nn.Parameter(torch.full((latent_dim, action_dim), log_std_init))
         self.sample_freq = sample_freq
 
     def forward(
@@ -170,6 +175,7 @@ def make_actor_critic(
     dropout_beta: float | None = None,
     mop_layers: str | None = None,
     gsde_freq: int = 0,
+    log_std_init: float = 0.0,
 ) -> tuple[ProbabilisticActor, TensorDictSequential, list[nn.Module]]:
     """The Zoo's recurrent policy: ``observation → core → Linear(64)+ReLU → head`` for the
     actor (``TanhNormal`` for continuous actions, or with ``gsde_freq`` a Normal with gSDE
@@ -188,7 +194,7 @@ def make_actor_critic(
         policy_head = TensorDictModule(mlp(action_spec.n), ["actor_features"], ["logits"])
         dist_keys, dist_class, dist_kwargs = ["logits"], Categorical, {}
     elif gsde_freq:
-        noise = StateDependentNoise(64, action_spec.shape[-1], gsde_freq)
+        noise = StateDependentNoise(64, action_spec.shape[-1], gsde_freq, log_std_init)
         policy_head = TensorDictSequential(
             TensorDictModule(
                 nn.Sequential(nn.Linear(width, 64), nn.ReLU()), ["actor_features"], ["actor_latent"]
@@ -272,6 +278,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         type=int,
         help="continuous actions: gSDE exploration, its noise redrawn every this many steps; "
         "0: a TanhNormal",
+    )
+    parser.add_argument(
+        "--log_std_init",
+        type=float,
+        default=0.0,
+        help="gSDE: the noise's initial log std per latent unit (SB3's log_std_init)",
     )
     parser.add_argument("--gamma", type=float)
     parser.add_argument("--lmbda", type=float)
@@ -396,7 +408,13 @@ def main(argv: Sequence[str] | None = None) -> dict:
     configure_torch(args.seed)
     env = make_env(args.env, args.num_envs, args.seed, args.reward_scale)
     actor, critic, cores = make_actor_critic(
-        args.core, env, args.hidden, args.dropout_beta, args.mop_layers, args.gsde_freq
+        args.core,
+        env,
+        args.hidden,
+        args.dropout_beta,
+        args.mop_layers,
+        args.gsde_freq,
+        args.log_std_init,
     )
     # every state carried between steps: the cores' (and gSDE's noise matrix)
     env.append_transform(get_primers_from_module(TensorDictSequential(actor, critic)))
