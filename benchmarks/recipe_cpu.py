@@ -37,13 +37,11 @@ def load_recipe():
 def build(ppo, task: str, variant: str, seed: int):
     """The recipe's collector iterator, learner and flags for one core variant."""
     kind, _, layers = variant.partition(":")
-    args = ppo.parse_args(["--env", task, "--core", kind, "--seed", str(seed)])
+    flags = ["--env", task, "--core", kind, "--seed", str(seed)]
+    args = ppo.parse_args([*flags, *(["--mop_layers", layers] if layers else [])])
     ppo.configure_torch(seed)
     env = ppo.make_env(task, args.num_envs, seed, args.reward_scale)
-    actor, critic, cores = ppo.make_actor_critic(
-        kind, env, args.hidden, args.dropout_beta, layers or None
-    )
-    env.append_transform(ppo.get_primers_from_module(ppo.TensorDictSequential(actor, critic)))
+    actor, critic, cores = ppo.make_agent(args, env)
     args.frames = -1  # collect until told to stop
     learner = ppo.make_learner(actor, critic, cores, args)
     return iter(ppo.make_collector(env, actor, critic, args)), learner, args

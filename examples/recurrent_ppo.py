@@ -229,6 +229,24 @@ def make_actor_critic(
     return actor, critic, [actor_core, critic_core]
 
 
+def make_agent(
+    args: argparse.Namespace, env: TransformedEnv
+) -> tuple[ProbabilisticActor, TensorDictSequential, list[nn.Module]]:
+    """The actor, critic and cores the flags ask for, with every state they carry between
+    steps (the cores', gSDE's noise) declared to ``env`` by the primers found in them."""
+    actor, critic, cores = make_actor_critic(
+        args.core,
+        env,
+        args.hidden,
+        args.dropout_beta,
+        args.mop_layers,
+        args.gsde_freq,
+        args.log_std_init,
+    )
+    env.append_transform(get_primers_from_module(TensorDictSequential(actor, critic)))
+    return actor, critic, cores
+
+
 def make_advantage(critic: TensorDictSequential, gamma: float, lmbda: float) -> GAE:
     """GAE over whole sequences; ``deactivate_vmap=True`` for recurrent critics (see above)."""
     return GAE(gamma=gamma, lmbda=lmbda, value_network=critic, deactivate_vmap=True)
@@ -306,6 +324,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     for name, value in DEFAULTS[args.env].items():
         if getattr(args, name) is None:
             setattr(args, name, value)
+    if args.gsde_freq < 0:
+        parser.error(f"--gsde_freq must be >= 0 (0: no gSDE), got {args.gsde_freq}")
+    if args.gsde_freq and args.env == "cartpole":
+        parser.error(
+            "--gsde_freq is for continuous actions (--env pendulum); CartPole's are discrete"
+        )
     if args.chunk_steps is not None and (
         args.chunk_steps < 1 or args.steps_per_batch % args.chunk_steps
     ):
@@ -407,17 +431,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     args = parse_args(argv)
     configure_torch(args.seed)
     env = make_env(args.env, args.num_envs, args.seed, args.reward_scale)
-    actor, critic, cores = make_actor_critic(
-        args.core,
-        env,
-        args.hidden,
-        args.dropout_beta,
-        args.mop_layers,
-        args.gsde_freq,
-        args.log_std_init,
-    )
-    # every state carried between steps: the cores' (and gSDE's noise matrix)
-    env.append_transform(get_primers_from_module(TensorDictSequential(actor, critic)))
+    actor, critic, cores = make_agent(args, env)
     learner = make_learner(actor, critic, cores, args)
     collector = make_collector(env, actor, critic, args)
     frames_per_batch = args.num_envs * args.steps_per_batch

@@ -195,6 +195,8 @@ def test_ppo_chunks_replay_from_their_stored_states(core):
     torch.testing.assert_close(replayed, chunks["action_log_prob"])
     with pytest.raises(SystemExit):
         ppo.parse_args(["--env", "cartpole", "--chunk_steps", "5"])  # 32 steps per batch
+    with pytest.raises(SystemExit):
+        ppo.parse_args(["--env", "cartpole", "--gsde_freq", "4"])  # discrete actions
 
 
 def test_gsde_actor_explores_smoothly_and_replays_its_log_probs():
@@ -204,8 +206,7 @@ def test_gsde_actor_explores_smoothly_and_replays_its_log_probs():
     ppo = load_example("recurrent_ppo")
     torch.manual_seed(0)
     env = load_example("masked_control").make_env("pendulum", 2, 0, 0.1)
-    actor, critic, _ = ppo.make_actor_critic("gru", env, 64, gsde_freq=4)
-    env.append_transform(ppo.get_primers_from_module(ppo.TensorDictSequential(actor, critic)))
+    actor, _, _ = ppo.make_agent(ppo.parse_args(["--core", "gru", "--gsde_freq", "4"]), env)
     with set_exploration_type(ExplorationType.RANDOM):  # as a collector samples
         data = env.rollout(12, actor, break_when_any_done=False)  # [2 envs, 12 steps]
     eps = data["next", "gsde_eps"]
