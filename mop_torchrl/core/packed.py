@@ -77,21 +77,21 @@ def pack_grus(grus: list[nn.GRU]) -> PackedGRU:
     sizes = tuple(g.hidden_size for g in grus)
     total = sum(sizes)
 
-    def gate_major(*names: str) -> torch.Tensor:
-        """The named parameters' rows in gate-major order, one ``cat`` for all of them."""
-        params = [[getattr(g, name) for g in grus] for name in names]
-        return torch.cat(
-            [p[k * h : (k + 1) * h] for ps in params for k in range(3) for p, h in zip(ps, sizes)]
-        )
+    def gate_major(name: str, *columns: int) -> torch.Tensor:
+        """The named parameter's rows in gate-major order: each GRU's ``[3h, *columns]`` viewed
+        as ``[3, h, *columns]``, one ``cat`` along ``h`` (a step's packing is per-op overhead
+        at small sizes: this is ~3x fewer ops than slicing every gate of every GRU)."""
+        views = [getattr(g, name).view(3, h, *columns) for g, h in zip(grus, sizes)]
+        return torch.cat(views, 1).view(3 * total, *columns)
 
-    biases = gate_major("bias_ih_l0", "bias_hh_l0")
     blocks, offset = [], 0
     for gru, size in zip(grus, sizes):
         # [3h, h] -> [3, h, h] (one block per gate) -> columns padded to [3, h, H].
         blocks.append(F.pad(gru.weight_hh_l0.view(3, size, size), (offset, total - offset - size)))
         offset += size
     w_hh = torch.cat(blocks, 1).view(3 * total, total)
-    return PackedGRU(gate_major("weight_ih_l0"), w_hh, *biases.chunk(2), sizes)
+    w_ih = gate_major("weight_ih_l0", grus[0].input_size)
+    return PackedGRU(w_ih, w_hh, gate_major("bias_ih_l0"), gate_major("bias_hh_l0"), sizes)
 
 
 def packed_gru_cell(x: torch.Tensor, h: torch.Tensor, packed: PackedGRU) -> torch.Tensor:
