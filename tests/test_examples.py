@@ -197,6 +197,28 @@ def test_ppo_chunks_replay_from_their_stored_states(core):
         ppo.parse_args(["--env", "cartpole", "--gsde_freq", "4"])  # discrete actions
 
 
+def test_mop_heads_read_features_at_a_grus_scale():
+    """MoP's layer-normed features are ~10x a GRU's hidden state; by default the heads scale
+    them by 1/8, so that gSDE starts with about the GRU's exploration noise (its std grows with
+    the latent's norm), not 5x more (``--feature_scale 1``)."""
+    ppo = load_example("recurrent_ppo")
+
+    def initial_std(core: str, *flags: str) -> float:
+        torch.manual_seed(0)
+        env = load_example("masked_control").make_env("pendulum", 2, 0, 0.1)
+        actor, _, _ = ppo.make_agent(ppo.parse_args(["--core", core, *flags]), env)
+        with torch.no_grad(), set_exploration_type(ExplorationType.RANDOM):
+            return env.rollout(16, actor, break_when_any_done=False)["scale"].median().item()
+
+    assert ppo.parse_args(["--core", "mop"]).feature_scale == 0.125
+    assert ppo.parse_args(["--core", "gru"]).feature_scale == 1.0
+    with pytest.raises(SystemExit):
+        ppo.parse_args(["--core", "mop", "--feature_scale", "0"])
+    gru, mop = initial_std("gru"), initial_std("mop")
+    assert 0.5 < mop / gru < 2, (mop, gru)
+    assert initial_std("mop", "--feature_scale", "1") > 3 * gru
+
+
 def test_gsde_actor_explores_smoothly_and_replays_its_log_probs():
     """``--gsde_freq 4``: the noise matrix is carried between steps and redrawn at every 4th
     step of an episode; the action is the mean plus that state-dependent noise, and PPO's
