@@ -144,7 +144,8 @@ class StateDependentNoise(nn.Module):
     as in SB3 (``learn_features=False``); ``σ = exp(log_std)``, ``log_std`` starting at
     ``log_std_init`` (SB3's, 0 by default). The noise scales with ``|z|``, so a core whose
     features are larger (MoP's are layer-normed: norm ~8 against a GRU's ~0.8) starts out
-    exploring more for the same ``log_std_init``."""
+    exploring more for the same ``log_std_init``, unless the heads scale them
+    (:class:`FeatureScale`)."""
 
     def __init__(
         self, latent_dim: int, action_dim: int, sample_freq: int, log_std_init: float = 0.0
