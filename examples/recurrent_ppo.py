@@ -60,7 +60,7 @@ from torchrl.modules.utils import get_primers_from_module
 from torchrl.objectives import ClipPPOLoss
 from torchrl.objectives.value import GAE
 
-from mop_torchrl import routing_cost_loss
+from mop_torchrl import MoPModule, routing_cost_loss
 from mop_torchrl.core.config import DEFAULT_RL_ALPHA
 
 from masked_control import (  # beside this script
@@ -200,33 +200,40 @@ def make_actor_critic(
     gsde_freq: int = 0,
     log_std_init: float = 0.0,
     feature_scale: float = 1.0,
+    critic_kind: str | None = None,
 ) -> tuple[ProbabilisticActor, TensorDictSequential, list[nn.Module]]:
     """The Zoo's recurrent policy: ``observation → core → Linear(64)+ReLU → head`` for the
     actor (``TanhNormal`` for continuous actions, or with ``gsde_freq`` a Normal with gSDE
     exploration, :class:`StateDependentNoise`; categorical logits for discrete ones) and a
-    separate ``observation → core → Linear(64)+ReLU → value`` critic with its own core. Each
-    head first multiplies the core's features by ``feature_scale`` (:class:`FeatureScale`;
-    nothing is inserted at 1)."""
+    separate ``observation → core → Linear(64)+ReLU → value`` critic with its own core, of
+    ``critic_kind`` (default: ``core_kind``). The heads of MoP cores first multiply the
+    features by ``feature_scale`` (:class:`FeatureScale`; nothing is inserted at 1)."""
     obs_dim = env.observation_spec["observation"].shape[-1]
+    critic_kind = critic_kind or core_kind
     actor_core = make_core(core_kind, obs_dim, hidden, "actor", dropout_beta, mop_layers)
-    critic_core = make_core(core_kind, obs_dim, hidden, "critic", dropout_beta, mop_layers)
-    width = 64 if core_kind == "mop" else hidden
+    critic_core = make_core(critic_kind, obs_dim, hidden, "critic", dropout_beta, mop_layers)
 
-    def latent() -> list[nn.Module]:
+    def latent(kind: str) -> list[nn.Module]:
+        if kind != "mop":
+            return [nn.Linear(hidden, 64), nn.ReLU()]
         scale = [FeatureScale(feature_scale)] if feature_scale != 1 else []
-        return [*scale, nn.Linear(width, 64), nn.ReLU()]
+        return [*scale, nn.Linear(64, 64), nn.ReLU()]
 
-    def mlp(out: int) -> nn.Module:
-        return nn.Sequential(*latent(), nn.Linear(64, out))
+    def mlp(kind: str, out: int) -> nn.Module:
+        return nn.Sequential(*latent(kind), nn.Linear(64, out))
 
     action_spec = env.action_spec_unbatched
     if isinstance(action_spec, CategoricalSpec):
-        policy_head = TensorDictModule(mlp(action_spec.n), ["actor_features"], ["logits"])
+        policy_head = TensorDictModule(
+            mlp(core_kind, action_spec.n), ["actor_features"], ["logits"]
+        )
         dist_keys, dist_class, dist_kwargs = ["logits"], Categorical, {}
     elif gsde_freq:
         noise = StateDependentNoise(64, action_spec.shape[-1], gsde_freq, log_std_init)
         policy_head = TensorDictSequential(
-            TensorDictModule(nn.Sequential(*latent()), ["actor_features"], ["actor_latent"]),
+            TensorDictModule(
+                nn.Sequential(*latent(core_kind)), ["actor_features"], ["actor_latent"]
+            ),
             TensorDictModule(
                 noise,
                 ["actor_latent", "gsde_eps", "step_count"],
@@ -237,7 +244,7 @@ def make_actor_critic(
         dist_class, dist_kwargs = GSDENormal, {}
     else:
         policy_head = TensorDictModule(
-            nn.Sequential(mlp(2 * action_spec.shape[-1]), NormalParamExtractor()),
+            nn.Sequential(mlp(core_kind, 2 * action_spec.shape[-1]), NormalParamExtractor()),
             ["actor_features"],
             ["loc", "scale"],
         )
@@ -252,7 +259,7 @@ def make_actor_critic(
         return_log_prob=True,
     )
     critic = TensorDictSequential(
-        critic_core, TensorDictModule(mlp(1), ["critic_features"], ["state_value"])
+        critic_core, TensorDictModule(mlp(critic_kind, 1), ["critic_features"], ["state_value"])
     )
     return actor, critic, [actor_core, critic_core]
 
@@ -271,6 +278,7 @@ def make_agent(
         args.gsde_freq,
         args.log_std_init,
         args.feature_scale,
+        args.critic_core,
     )
     env.append_transform(get_primers_from_module(TensorDictSequential(actor, critic)))
     return actor, critic, cores
@@ -284,6 +292,11 @@ def make_advantage(critic: TensorDictSequential, gamma: float, lmbda: float) -> 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--core", choices=["mop", "gru", "lstm"], default="mop")
+    parser.add_argument(
+        "--critic_core",
+        choices=["mop", "gru", "lstm"],
+        help="the critic's own core (default: the same kind as --core)",
+    )
     parser.add_argument("--env", choices=list(TASKS), default="pendulum")
     # None: the task's value in DEFAULTS
     parser.add_argument("--frames", type=int, help="env steps in total")
@@ -335,8 +348,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--feature_scale",
         type=float,
-        help="multiply the core's features by this before the heads (default: 1/sqrt(64) for "
-        "MoP, whose features are layer-normed, and 1 for the GRU and LSTM)",
+        default=64**-0.5,
+        help="multiply a MoP core's (layer-normed) features by this before its head (default "
+        "1/sqrt(64): unit norm); GRU and LSTM features are read as they are",
     )
     parser.add_argument("--gamma", type=float)
     parser.add_argument("--lmbda", type=float)
@@ -359,8 +373,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     for name, value in DEFAULTS[args.env].items():
         if getattr(args, name) is None:
             setattr(args, name, value)
-    if args.feature_scale is None:  # MoP's 64 layer-normed features to unit norm
-        args.feature_scale = 64**-0.5 if args.core == "mop" else 1.0
     if not 0 < args.feature_scale < float("inf"):
         parser.error(f"--feature_scale must be positive and finite, got {args.feature_scale}")
     if args.gsde_freq < 0:
@@ -408,8 +420,8 @@ def make_learner(
     )
     optimizer = torch.optim.Adam(loss_fn.parameters(), lr=args.lr, eps=1e-5, fused=True)
     learner = Learner(loss_fn, make_advantage(critic, args.gamma, args.lmbda), optimizer, [])
-    if args.core == "mop":
-        for core in cores:
+    for core in cores:
+        if isinstance(core, MoPModule):
             core.register_forward_hook(
                 lambda m, _i, out: (
                     learner.costs.append(out[m.cost_key]) if out[m.cost_key].requires_grad else None

@@ -211,12 +211,33 @@ def test_mop_heads_read_features_at_a_grus_scale():
             return env.rollout(16, actor, break_when_any_done=False)["scale"].median().item()
 
     assert ppo.parse_args(["--core", "mop"]).feature_scale == 0.125
-    assert ppo.parse_args(["--core", "gru"]).feature_scale == 1.0
+    env = load_example("masked_control").make_env("cartpole", 2, 0, 0.1)
+    for core, scaled in (("mop", True), ("gru", False)):  # GRU/LSTM features are read as is
+        actor, critic, _ = ppo.make_actor_critic(core, env, 64, feature_scale=0.125)
+        heads = [*actor.modules(), *critic.modules()]
+        assert sum(isinstance(m, ppo.FeatureScale) for m in heads) == (2 if scaled else 0)
     with pytest.raises(SystemExit):
         ppo.parse_args(["--core", "mop", "--feature_scale", "0"])
     gru, mop = initial_std("gru"), initial_std("mop")
     assert 0.5 < mop / gru < 2, (mop, gru)
     assert initial_std("mop", "--feature_scale", "1") > 3 * gru
+
+
+@pytest.mark.slow
+def test_ppo_mop_policy_with_a_gru_critic():
+    """``--critic_core gru``: a MoP actor beside a GRU critic, each carrying its own state
+    (nested MoP keys, one GRU tensor), the routing cost taken from the MoP core only."""
+    ppo = load_example("recurrent_ppo")
+    argv = [*SMOKE["recurrent_ppo_cartpole"], "--core", "mop", "--critic_core", "gru"]
+    result = ppo.main(argv)
+    batch = result["last_batch"]
+    assert batch["actor_state"].keys() and isinstance(batch["critic_state"], torch.Tensor)
+    carried = ~batch["is_init"].squeeze(-1)[:, 1:]
+    stored, written = batch["critic_state"], batch["next", "critic_state"]
+    torch.testing.assert_close(stored[:, 1:][carried], written[:, :-1][carried])
+    assert written.abs().sum() > 0
+    assert all(math.isfinite(x) for x in result["losses"])
+    assert [len(w) for w in result["routing"]] == [3, 3, 3]
 
 
 def test_gsde_actor_explores_smoothly_and_replays_its_log_probs():
