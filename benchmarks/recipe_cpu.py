@@ -4,7 +4,8 @@
     python benchmarks/recipe_cpu.py --task pendulum --variants gru lstm "mop:0,16,32;0,16,32"
 
 Builds ``examples/recurrent_ppo.py``'s env, actor, critic, learner and collector once per
-variant (``gru``, ``lstm``, or ``mop:LAYERS``), then times what one batch costs the recipe:
+variant (``gru``, ``lstm``, ``mop:LAYERS``, or any of them with ``+CRITIC``, the critic's own
+core kind: ``mop+gru``), then times what one batch costs the recipe:
 collecting it (env + both cores' steps) and its update (GAE and the epochs,
 ``ppo_update``), as process CPU time per frame. The variants take turns batch by batch in one
 process, so that load on a shared machine falls on all of them alike; the medians and their
@@ -37,7 +38,9 @@ def load_recipe():
 def build(ppo, task: str, variant: str, seed: int):
     """The recipe's collector iterator, learner and flags for one core variant."""
     kind, _, layers = variant.partition(":")
+    kind, _, critic = kind.partition("+")
     flags = ["--env", task, "--core", kind, "--seed", str(seed)]
+    flags += ["--critic_core", critic] if critic else []
     args = ppo.parse_args([*flags, *(["--mop_layers", layers] if layers else [])])
     ppo.configure_torch(seed)
     env = ppo.make_env(task, args.num_envs, seed, args.reward_scale)
