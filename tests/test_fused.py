@@ -85,6 +85,26 @@ def test_core_from_initial_states(implementation, layers):
     torch.testing.assert_close(grads[0], grads[1], **TOL)
 
 
+@pytest.mark.parametrize("implementation", ["fused", "packed", "reference"])
+def test_recurrent_mode_under_bfloat16_autocast(implementation):
+    """Under autocast the products round to bfloat16 but the recurrences and the states stay
+    float32 (as for ``nn.GRU``): the features are the float32 ones up to that rounding."""
+    torch.manual_seed(0)
+    cfg = MoPConfig(input_dim=5, layers="0,8;16,4", intermediate_dim=12, router_dim=4)
+    module = MoPModule(cfg, in_key="x", implementation=implementation)
+    td = TensorDict({"x": torch.randn(3, 9, 5), "is_init": torch.rand(3, 9, 1) < 0.25}, [3, 9])
+    td.update(module.initial_state([3, 9]).apply(torch.randn_like))
+    with set_recurrent_mode(True):
+        exact = module(td.clone())
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            rounded = module(td.clone())
+    for key in module.state_keys:
+        assert rounded["next", *key].dtype == torch.float32
+        torch.testing.assert_close(rounded["next", *key], exact["next", *key], atol=0.05, rtol=0)
+    assert rounded["features"].dtype == torch.bfloat16
+    torch.testing.assert_close(rounded["features"].float(), exact["features"], atol=0.1, rtol=0.05)
+
+
 def test_gru_scan_gradcheck():
     torch.manual_seed(0)
     batch, steps, size = 3, 5, 4

@@ -112,7 +112,15 @@ def gru_scan(
         >>> out = gru_scan(gi, h0[:, None].expand(2, 5, 4), starts, gru.weight_hh_l0, gru.bias_hh_l0)
         >>> bool(torch.allclose(out, gru(x, h0[None])[0], atol=1e-6))
         True
+
+    Under ``torch.autocast`` the recurrence runs in the weights' dtype: the input gates may
+    arrive rounded to the autocast dtype, but the per-step products and the state do not round
+    again over the steps.
     """
+    if torch.is_autocast_enabled(gi.device.type):
+        with torch.autocast(gi.device.type, enabled=False):
+            gi, stored = gi.to(w_hh.dtype), stored.to(w_hh.dtype)
+            return _GRUScan.apply(gi, stored, starts, w_hh, b_hh)[0]
     return _GRUScan.apply(gi, stored, starts, w_hh, b_hh)[0]
 
 
