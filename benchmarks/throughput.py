@@ -43,7 +43,7 @@ from mop_torchrl.train.checkpoint import load_checkpoint
 from mop_torchrl.train.collection import env_factories, make_collector, segment_batches
 from mop_torchrl.train.config import load_config
 from mop_torchrl.train.dagger import DaggerDataset
-from mop_torchrl.train.losses import imitation_loss, total_loss
+from mop_torchrl.train.losses import imitation_loss, learner_autocast, total_loss
 from mop_torchrl.train.policy import build_policy
 
 SHIPPED = Path(__file__).resolve().parents[1] / "configs" / "go_to_local_mop.yaml"
@@ -112,7 +112,8 @@ def learner_rate(config: TrainConfig, updates: int) -> dict[str, float]:
     times = []
     for i in range(updates + 3):
         start = time.perf_counter()
-        loss = total_loss(loss_module(dataset.sample()))
+        with learner_autocast(config):
+            loss = total_loss(loss_module(dataset.sample()))
         optimizer.zero_grad()
         loss.backward()
         nn.utils.clip_grad_norm_(actor.parameters(), config.max_grad_norm, foreach=True)
@@ -196,7 +197,7 @@ def main() -> None:
                 record(
                     level,
                     "learner",
-                    f"{config.torch_threads} threads",
+                    f"{config.torch_threads} threads, autocast {config.autocast}",
                     learner_rate(config, args.updates),
                 )
             if "train" in stages:

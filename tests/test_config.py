@@ -298,3 +298,17 @@ def test_boolean_flag_and_its_saved_default(tmp_path):
     saved.write_text(yaml.safe_dump({"task_id": "GoToLocal"}))
     assert load_config(saved, saved=True).train_path_ratio is True
     assert load_config(saved).train_path_ratio is False
+
+
+def test_autocast_auto_follows_the_hardware_and_is_saved_resolved(monkeypatch):
+    import mop_torchrl.train.config as config_module
+
+    for native, expected in [(True, "bfloat16"), (False, "off")]:
+        monkeypatch.setattr(config_module, "native_bfloat16", lambda device, n=native: n)
+        config = TrainConfig(autocast="auto")
+        assert config.autocast == expected
+        assert TrainConfig.from_dict(config.to_dict()).autocast == expected
+        assert TrainConfig(autocast="auto", algo="ppo").autocast == "off"
+    with pytest.raises(ConfigError, match=r"autocast.*ppo"):
+        TrainConfig(autocast="bfloat16", algo="ppo")
+    assert config_module.native_bfloat16("meta") is False

@@ -133,10 +133,16 @@ def _cli(*args: str) -> None:
     "extra",
     [
         ["--collection=overlap", "--lr_decay_updates=6"],
-        ["--collection=overlap", "--student_action=sample", "--dagger_beta=0.5"],
+        # bfloat16 updates: rounded, but the same rounding in a fresh process
+        [
+            "--collection=overlap",
+            "--student_action=sample",
+            "--dagger_beta=0.5",
+            "--autocast=bfloat16",
+        ],
         [],  # sync collection, the default
     ],
-    ids=["overlap-lr-decay", "overlap-sample-beta", "sync"],
+    ids=["overlap-lr-decay", "overlap-sample-beta-bf16", "sync"],
 )
 def test_resume_with_a_non_empty_buffer_is_exact_in_a_fresh_process(tmp_path, extra):
     flags = [f"--{k}={v}" for k, v in TINY.items()] + [f"--run_dir={tmp_path}", *extra]

@@ -10,7 +10,13 @@ from torchrl.modules import set_recurrent_mode
 from mop_torchrl import MoPConfig
 from mop_torchrl.babyai.policy import EncoderConfig, make_policy, policy_parts
 from mop_torchrl.core.model import routing_cost_loss
-from mop_torchrl.train.losses import ImitationLoss, RoutingClipPPOLoss, total_loss
+from mop_torchrl.train.config import TrainConfig
+from mop_torchrl.train.losses import (
+    ImitationLoss,
+    RoutingClipPPOLoss,
+    learner_autocast,
+    total_loss,
+)
 
 SMALL = {
     "mop": MoPConfig(layers="0,8;8,16", intermediate_dim=16, router_dim=8),
@@ -154,6 +160,31 @@ def test_gradients_reach_the_routers():
         name: p.grad for name, p in policy_parts(actor).core.named_parameters() if ".router" in name
     }
     assert routers and all(g is not None and g.abs().sum() > 0 for g in routers.values())
+
+
+@pytest.mark.parametrize("kind", ["mop", "gru"])
+def test_bfloat16_updates_round_the_float32_ones(kind):
+    """Under the learner's autocast the loss is float32 and its value and gradient are the
+    float32 ones up to bfloat16 rounding; ``off`` changes nothing."""
+    torch.manual_seed(0)
+    actor, _ = make_policy(kind, **SMALL)
+    batch = make_batch(actor)
+    loss_module = ImitationLoss(actor, alpha=0.1)
+
+    def loss_and_grad(autocast: str) -> tuple[torch.Tensor, torch.Tensor]:
+        actor.zero_grad()
+        with learner_autocast(TrainConfig(autocast=autocast)):
+            loss = total_loss(loss_module(batch))
+        loss.backward()
+        return loss, torch.cat([p.grad.flatten() for p in actor.parameters() if p.grad is not None])
+
+    loss, grad = loss_and_grad("off")
+    torch.testing.assert_close(loss, total_loss(loss_module(batch)), rtol=0, atol=0)
+    rounded, rounded_grad = loss_and_grad("bfloat16")
+    assert rounded.dtype == torch.float32 and rounded_grad.dtype == torch.float32
+    assert not torch.equal(rounded, loss)  # the products did run in bfloat16
+    torch.testing.assert_close(rounded, loss, rtol=2e-2, atol=0)
+    assert F.cosine_similarity(rounded_grad, grad, dim=0) > 0.99
 
 
 def test_bad_routing_settings_are_rejected():

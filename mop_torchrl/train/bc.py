@@ -16,7 +16,7 @@ from torch import nn
 
 from mop_torchrl.babyai.demos import open_demos, sample_sequences
 from mop_torchrl.train.config import TrainConfig
-from mop_torchrl.train.losses import imitation_loss, total_loss
+from mop_torchrl.train.losses import imitation_loss, learner_autocast, total_loss
 from mop_torchrl.train.policy import build_policy
 from mop_torchrl.train.run import Run, check_finite
 from mop_torchrl.train.stats import MetricMeans
@@ -42,7 +42,8 @@ def train_bc(config: TrainConfig, resume: bool = False) -> Path:
                 batch = sample_sequences(demos, config.batch_slices, config.slice_len)
             with updates.phase("train", update):
                 actor.train()
-                losses = loss_module(batch)
+                with learner_autocast(config):
+                    losses = loss_module(batch)
                 loss = total_loss(losses)
                 check_finite(loss, update)
                 optimizer.zero_grad()

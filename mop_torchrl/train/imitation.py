@@ -26,7 +26,7 @@ from torch import nn
 from mop_torchrl.train.collection import segment_batches
 from mop_torchrl.train.config import TrainConfig
 from mop_torchrl.train.dagger import BotMixer, DaggerDataset, linear_decay
-from mop_torchrl.train.losses import imitation_loss, total_loss
+from mop_torchrl.train.losses import imitation_loss, learner_autocast, total_loss
 from mop_torchrl.train.policy import build_policy
 from mop_torchrl.train.run import Run, check_finite
 from mop_torchrl.train.stats import EpisodeStats, MetricMeans
@@ -70,7 +70,8 @@ def train_imitation(config: TrainConfig, resume: bool = False) -> Path:
                     group["lr"] = lr
                 for _ in range(config.updates_per_batch):
                     batch = dataset.sample()  # [batch_slices, burn_in + slice_len]
-                    losses = loss_module(batch)
+                    with learner_autocast(config):
+                        losses = loss_module(batch)
                     loss = total_loss(losses)
                     check_finite(loss, update)
                     optimizer.zero_grad()

@@ -29,6 +29,7 @@ __all__ = [
     "ImitationLoss",
     "RoutingClipPPOLoss",
     "imitation_loss",
+    "learner_autocast",
     "routing_metrics",
     "total_loss",
 ]
@@ -277,6 +278,21 @@ class ImitationLoss(LossModule):
             self.cost_mode,
         )
         return total - task
+
+
+def learner_autocast(config: TrainConfig) -> torch.autocast:
+    """The context of the learner's loss forward: bfloat16 autocast if ``config.autocast``
+    says so (the products of the encoder and the core's input and output projections in
+    bfloat16; the GRU recurrences, the cross-entropy and the weights in float32).
+
+    Examples:
+        >>> with learner_autocast(TrainConfig(autocast="bfloat16")):
+        ...     torch.ones(2, 2) @ torch.ones(2, 2)
+        tensor([[2., 2.],
+                [2., 2.]], dtype=torch.bfloat16)
+    """
+    device = torch.device(config.device).type
+    return torch.autocast(device, torch.bfloat16, enabled=config.autocast == "bfloat16")
 
 
 def imitation_loss(actor: ProbabilisticTensorDictSequential, config: TrainConfig) -> ImitationLoss:
