@@ -20,7 +20,6 @@ import argparse
 import importlib
 import io
 import json
-import platform
 import re
 import statistics
 import subprocess
@@ -34,6 +33,9 @@ from pathlib import Path
 import torch
 import yaml
 from torch import nn
+
+from mop_torchrl.bench import cpu_model
+from mop_torchrl.train.config import native_bfloat16
 
 ROOT = Path(__file__).resolve().parents[1]
 V02 = "3c419e7"
@@ -139,7 +141,8 @@ def main() -> None:
                     update()
                 times[name].append(1000 * (time.perf_counter() - start) / 4)
     result = {
-        "cpu": platform.processor() or platform.machine(),
+        "cpu": cpu_model(),
+        "native_bfloat16": native_bfloat16("cpu"),
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "rounds": args.rounds,
         "update_ms": {name: statistics.median(t) for name, t in times.items()},

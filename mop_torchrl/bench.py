@@ -47,6 +47,7 @@ from mop_torchrl.core.model import IMPLEMENTATIONS, resolve_implementation
 from mop_torchrl.core.module import MoPModule
 
 __all__ = [
+    "cpu_model",
     "format_table",
     "main",
     "run_collector_benchmark",
@@ -674,6 +675,16 @@ def _num_params(module: torch.nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
+def cpu_model() -> str:
+    """The CPU's model name: ``/proc/cpuinfo``'s on Linux, else what ``platform`` knows."""
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        models = [line for line in cpuinfo.read_text().splitlines() if "model name" in line]
+        if models:
+            return models[0].split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
 def _header(
     name: str,
     device: torch.device,
@@ -685,11 +696,7 @@ def _header(
     if device.type == "cuda":
         device_name = torch.cuda.get_device_name(device)
     else:
-        device_name = platform.processor() or platform.machine()
-        cpuinfo = Path("/proc/cpuinfo")
-        if cpuinfo.exists():
-            models = [line for line in cpuinfo.read_text().splitlines() if "model name" in line]
-            device_name = models[0].split(":", 1)[1].strip() if models else device_name
+        device_name = cpu_model()
     versions = {
         "torch": torch.__version__,
         "torchrl": torchrl.__version__,
