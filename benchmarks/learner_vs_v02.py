@@ -32,10 +32,10 @@ from pathlib import Path
 
 import torch
 import yaml
-from torch import nn
+from throughput import filled_dataset, imitation_update  # this folder's
 
 from mop_torchrl.bench import cpu_model
-from mop_torchrl.train.config import native_bfloat16
+from mop_torchrl.train.config import load_config, native_bfloat16
 
 ROOT = Path(__file__).resolve().parents[1]
 V02 = "3c419e7"
@@ -56,23 +56,6 @@ def extract_v02(into: Path) -> None:
         path.write_text(re.sub(r"\bmop_torchrl\b", "mop_torchrl_v02", path.read_text()))
 
 
-def filled_dataset(package: str, actor: nn.Module, config) -> object:
-    """The package's DAgger dataset holding two batches collected by ``actor`` with labels."""
-    segment_batches = importlib.import_module(f"{package}.train.collection").segment_batches
-    dagger = importlib.import_module(f"{package}.train.dagger")
-    dataset = dagger.DaggerDataset(
-        actor.in_keys, config.buffer_frames, config.slice_len, config.burn_in, config.batch_slices
-    )
-    batches = segment_batches(actor.eval(), config, 0, expert=True)
-    try:
-        for _ in range(2):
-            dataset.extend(next(batches)[1])
-    finally:
-        batches.close()
-    actor.train()
-    return dataset
-
-
 def v02_update(root: Path) -> Callable[[], None]:
     """v0.2's own update function (``imitation_step``: loss, backward, clip, Adam, metrics)."""
     config_type = importlib.import_module("mop_torchrl_v02.train.config").TrainConfig
@@ -83,37 +66,13 @@ def v02_update(root: Path) -> Callable[[], None]:
     step = importlib.import_module("mop_torchrl_v02.train.imitation").imitation_step(
         actor, optimizer, config
     )
-    dataset = filled_dataset("mop_torchrl_v02", actor, config)
+    dataset = filled_dataset(actor, config, "mop_torchrl_v02")
     return lambda: step(dataset.sample(), 0)
 
 
 def current_update(autocast: str) -> Callable[[], None]:
     """This checkout's update, as ``train_imitation`` runs it."""
-    from mop_torchrl.train.config import load_config
-    from mop_torchrl.train.losses import imitation_loss, learner_autocast, total_loss
-    from mop_torchrl.train.policy import build_policy
-    from mop_torchrl.train.stats import MetricMeans
-
-    config = load_config(ROOT / CONFIG, {"collection": "sync", "autocast": autocast})
-    torch.manual_seed(0)
-    actor = build_policy(config)[0]
-    loss_module = imitation_loss(actor, config)
-    optimizer = torch.optim.Adam(actor.parameters(), lr=config.lr, fused=True)
-    metrics = MetricMeans()
-    dataset = filled_dataset("mop_torchrl", actor, config)
-
-    def update() -> None:
-        with learner_autocast(config):
-            losses = loss_module(dataset.sample())
-        loss = total_loss(losses)
-        optimizer.zero_grad()
-        loss.backward()
-        norm = nn.utils.clip_grad_norm_(actor.parameters(), config.max_grad_norm, foreach=True)
-        optimizer.step()
-        metrics.add(losses, "train/")
-        metrics.add({"train/loss": loss, "train/grad_norm": norm})
-
-    return update
+    return imitation_update(load_config(ROOT / CONFIG, {"autocast": autocast}))
 
 
 def main() -> None:

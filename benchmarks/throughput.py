@@ -24,13 +24,16 @@ recorded). Short by default (a few minutes on 2 cores); on a bigger machine::
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import platform
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 import torchrl
@@ -40,11 +43,11 @@ from torch import nn
 from mop_torchrl.babyai.envs import make_babyai_env
 from mop_torchrl.train import TrainConfig, train
 from mop_torchrl.train.checkpoint import load_checkpoint
-from mop_torchrl.train.collection import env_factories, make_collector, segment_batches
+from mop_torchrl.train.collection import env_factories, make_collector
 from mop_torchrl.train.config import load_config
-from mop_torchrl.train.dagger import DaggerDataset
 from mop_torchrl.train.losses import imitation_loss, learner_autocast, total_loss
 from mop_torchrl.train.policy import build_policy
+from mop_torchrl.train.stats import MetricMeans
 
 SHIPPED = Path(__file__).resolve().parents[1] / "configs" / "go_to_local_mop.yaml"
 
@@ -91,33 +94,58 @@ def collect_frames_per_s(config: TrainConfig, batches: int) -> dict[str, float]:
     return {"frames_per_s": batches * frames / elapsed, "startup_s": startup}
 
 
-def learner_rate(config: TrainConfig, updates: int) -> dict[str, float]:
-    """Updates/s of the imitation update (sample, loss, backward, clip, Adam) on a dataset of
-    two collected batches (the update's cost does not depend on how full it is)."""
-    torch.manual_seed(config.seed)
-    actor = build_policy(config)[0]
-    loss_module = imitation_loss(actor, config)
-    optimizer = torch.optim.Adam(actor.parameters(), lr=config.lr, fused=True)
-    dataset = DaggerDataset(
+def filled_dataset(actor: nn.Module, config, package: str = "mop_torchrl") -> Any:
+    """``package``'s DAgger dataset (this one's, or an older copy's imported beside it) holding
+    two batches that ``actor`` collected with bot labels (the update's cost does not depend on
+    how full the dataset is). ``config`` is ``package``'s, with in-process sync collection."""
+    segment_batches = importlib.import_module(f"{package}.train.collection").segment_batches
+    dagger = importlib.import_module(f"{package}.train.dagger")
+    dataset = dagger.DaggerDataset(
         actor.in_keys, config.buffer_frames, config.slice_len, config.burn_in, config.batch_slices
     )
-    sync = TrainConfig.from_dict({**config.to_dict(), "collection": "sync"})
-    batches = segment_batches(actor.eval(), sync, 0, expert=True)
+    batches = segment_batches(actor.eval(), config, 0, expert=True)
     try:
         for _ in range(2):
             dataset.extend(next(batches)[1])
     finally:
         batches.close()
     actor.train()
+    return dataset
+
+
+def imitation_update(config: TrainConfig) -> Callable[[], None]:
+    """One imitation update as ``train_imitation`` runs it (sample, loss under the config's
+    autocast, backward, clip, Adam, metrics) on a :func:`filled_dataset`."""
+    torch.manual_seed(config.seed)
+    actor = build_policy(config)[0]
+    loss_module = imitation_loss(actor, config)
+    optimizer = torch.optim.Adam(actor.parameters(), lr=config.lr, fused=True)
+    metrics = MetricMeans()
+    dataset = filled_dataset(
+        actor, TrainConfig.from_dict({**config.to_dict(), "collection": "sync"})
+    )
+
+    def update() -> None:
+        with learner_autocast(config):
+            losses = loss_module(dataset.sample())
+        loss = total_loss(losses)
+        optimizer.zero_grad()
+        loss.backward()
+        norm = nn.utils.clip_grad_norm_(actor.parameters(), config.max_grad_norm, foreach=True)
+        optimizer.step()
+        metrics.add(losses, "train/")
+        metrics.add({"train/loss": loss, "train/grad_norm": norm})
+
+    return update
+
+
+def learner_rate(config: TrainConfig, updates: int) -> dict[str, float]:
+    """Updates/s of :func:`imitation_update`, and the frames they consume and keep up with."""
+    update = imitation_update(config)
     times = []
     for i in range(updates + 3):
         start = time.perf_counter()
-        with learner_autocast(config):
-            loss = total_loss(loss_module(dataset.sample()))
-        optimizer.zero_grad()
-        loss.backward()
-        nn.utils.clip_grad_norm_(actor.parameters(), config.max_grad_norm, foreach=True)
-        optimizer.step()
+        update()
         if i >= 3:
             times.append(time.perf_counter() - start)
     per_update = statistics.median(times)
