@@ -88,7 +88,8 @@ def test_core_from_initial_states(implementation, layers):
 @pytest.mark.parametrize("implementation", ["fused", "packed", "reference"])
 def test_recurrent_mode_under_bfloat16_autocast(implementation):
     """Under autocast the products round to bfloat16 but the recurrences and the states stay
-    float32 (as for ``nn.GRU``): the features are the float32 ones up to that rounding."""
+    float32 (the scan runs with autocast off): the features are the float32 ones up to that
+    rounding."""
     torch.manual_seed(0)
     cfg = MoPConfig(input_dim=5, layers="0,8;16,4", intermediate_dim=12, router_dim=4)
     module = MoPModule(cfg, in_key="x", implementation=implementation)

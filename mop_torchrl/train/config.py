@@ -102,8 +102,8 @@ class TrainConfig:
         "imitation, bc: the learner's forward pass under torch.autocast in bfloat16 (recurrences, "
         "losses and weights stay float32; collection and evaluation run in float32); auto: "
         "bfloat16 where the hardware computes it natively (CPU with AVX512-BF16 or AMX, CUDA "
-        "with bf16 support), else off. About 0.7x the update time of the GoToLocal config on a "
-        "CPU with AVX512-BF16. The resolved value is saved with the run.",
+        "with bf16 support), else off. About 0.7x the float32 update time of the GoToLocal config "
+        "on a CPU with AVX512-BF16. The resolved value is saved with the run.",
     )
     num_envs: int = setting(16, "Environments stepped together.")
     env_batching: Literal["serial", "parallel"] = setting(
