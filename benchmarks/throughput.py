@@ -1,7 +1,8 @@
 """Training throughput, stage by stage (Sample Factory's distinction), in frames per second.
 
 For each level, with the shipped GoToLocal settings (MoP ``seed`` preset, 16 envs x 32 steps,
-4 updates of 16 x 32 slices per batch) unless flags say otherwise:
+4 updates of 16 x 32 slices per batch; the student always acts, β = 0) unless flags say
+otherwise:
 
 - ``env``: the batched env alone, random actions (``env.rollout``);
 - ``env+bot``: the same with the bot labelling every step (what imitation steps);
@@ -203,7 +204,8 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as run_dir:
         for level in args.levels.split(","):
-            common = {"task_id": level, "eval_episodes": 0, "eval_interval": 0}
+            # β = 0: the multi-worker backends cannot let the bot act, and rows must compare
+            common = {"task_id": level, "eval_episodes": 0, "eval_interval": 0, "dagger_beta": 0.0}
             config = TrainConfig.from_dict({**base.to_dict(), **common, "torch_threads": 0})
             torch.set_num_threads(1)
             if "env" in stages:
