@@ -202,31 +202,23 @@ class _GRUScan(torch.autograd.Function):
         keep_next = torch.cat([1 - reset[1:], reset.new_zeros(1, batch, 1)])
         products = grad_out.new_empty(steps, batch, 4, size)  # dh * coef, per step
         dh = grad_out.new_empty(steps, batch, size)
-        d_stored = grad_out.new_zeros(steps, batch, size) if ctx.needs_input_grad[1] else None
+        # carries[t]: the gradient reaching h_in at t (from h_t's gates and the direct path).
+        carries = grad_out.new_empty(steps, batch, size)
         d_gh, direct = products.view(steps, batch, 4 * size).split([3 * size, size], -1)
-        per_step = (grad_out, keep_next, reset, dh, coef, products, d_gh, direct)
+        per_step = (grad_out, keep_next, dh, coef, products, d_gh, direct, carries)
         per_step = [v.unbind(0)[::-1] for v in per_step]
-        stored_grads = d_stored.unbind(0)[::-1] if d_stored is not None else [None] * steps
         carry = torch.zeros_like(grad_out[0])  # the gradient reaching h_in at t+1
-        for (
-            grad_t,
-            keep_t,
-            reset_t,
-            dh_t,
-            coef_t,
-            products_t,
-            d_gh_t,
-            direct_t,
-        ), d_stored_t in zip(zip(*per_step), stored_grads):
+        for grad_t, keep_t, dh_t, coef_t, products_t, d_gh_t, direct_t, carry_t in zip(
+            *per_step
+        ):
             torch.addcmul(grad_t, carry, keep_t, out=dh_t)
             torch.mul(dh_t.unsqueeze(-2), coef_t, out=products_t)
-            carry = torch.addmm(direct_t, d_gh_t, w_hh)
-            if d_stored_t is not None:
-                torch.mul(carry, reset_t, out=d_stored_t)
+            carry = torch.addmm(direct_t, d_gh_t, w_hh, out=carry_t)
         flat = d_gh.reshape(-1, 3 * size)
         d_w, d_b = flat.t() @ h_in.reshape(-1, size), flat.sum(0)
         torch.mul(dh, da_n, out=products[:, :, 2])  # d_gh becomes the input gates' gradient
-        d_stored = None if d_stored is None else d_stored.transpose(0, 1)
+        # Where the state was reset, what reached h_in goes to the stored state instead.
+        d_stored = (carries * reset).transpose(0, 1) if ctx.needs_input_grad[1] else None
         return d_gh.transpose(0, 1), d_stored, None, d_w, d_b
 
     @staticmethod
