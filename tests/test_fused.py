@@ -106,6 +106,27 @@ def test_recurrent_mode_under_bfloat16_autocast(implementation):
     torch.testing.assert_close(rounded["features"].float(), exact["features"], atol=0.1, rtol=0.05)
 
 
+def test_gru_scan_weight_gradient_in_autocast_dtype():
+    """Under autocast the scan's weight-gradient product runs in bfloat16 (as a Linear's
+    does): the gradient is the float32 one up to that rounding, and float32 outside autocast."""
+    torch.manual_seed(0)
+    gru = torch.nn.GRU(6, 16, batch_first=True)
+    gi = torch.nn.functional.linear(torch.randn(4, 12, 6), gru.weight_ih_l0, gru.bias_ih_l0)
+    stored, starts = torch.randn(4, 12, 16), torch.rand(4, 12) < 0.2
+    starts[:, 0] = True
+
+    def grad_w_hh() -> torch.Tensor:
+        out = gru_scan(gi.detach(), stored, starts, gru.weight_hh_l0, gru.bias_hh_l0)
+        return torch.autograd.grad(out.square().sum(), gru.weight_hh_l0)[0]
+
+    exact = grad_w_hh()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        rounded = grad_w_hh()
+    assert rounded.dtype == exact.dtype == torch.float32
+    assert not torch.equal(rounded, exact)  # the product did round
+    torch.testing.assert_close(rounded, exact, atol=0.05 * exact.abs().max().item(), rtol=0.02)
+
+
 def test_gru_scan_gradcheck():
     torch.manual_seed(0)
     batch, steps, size = 3, 5, 4

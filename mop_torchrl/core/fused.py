@@ -115,12 +115,15 @@ def gru_scan(
 
     Under ``torch.autocast`` the recurrence runs in the weights' dtype: the input gates may
     arrive rounded to the autocast dtype, but the per-step products and the state do not round
-    again over the steps.
+    again over the steps. The gradient of ``w_hh``, one product over all steps as a
+    ``Linear``'s weight gradient is, runs in the autocast dtype as a ``Linear``'s does.
     """
-    if torch.is_autocast_enabled(gi.device.type):
-        with torch.autocast(gi.device.type, enabled=False):
+    device = gi.device.type
+    if torch.is_autocast_enabled(device):
+        with torch.autocast(device, enabled=False):
             gi, stored = gi.to(w_hh.dtype), stored.to(w_hh.dtype)
-            return _GRUScan.apply(gi, stored, starts, w_hh, b_hh)[0]
+            low = torch.get_autocast_dtype(device)
+            return _GRUScan.apply(gi, stored, starts, w_hh, b_hh, low)[0]
     return _GRUScan.apply(gi, stored, starts, w_hh, b_hh)[0]
 
 
@@ -131,11 +134,12 @@ class _GRUScan(torch.autograd.Function):
     state entering step ``t`` is ``stored[:, t]`` where ``starts[:, t]`` (always at ``t=0``) and
     the previous step's output elsewhere; ``gi = W_ih x + b_ih`` in ``nn.GRU``'s ``[r, z, n]``
     gate order. The backward is hand-written so that each step costs a few fused kernels
-    instead of an autograd graph per step.
+    instead of an autograd graph per step. ``grad_dtype`` (optional): the dtype of the weight
+    gradient's product (autocast's), else ``w_hh``'s.
     """
 
     @staticmethod
-    def forward(gi, stored, starts, w_hh, b_hh):
+    def forward(gi, stored, starts, w_hh, b_hh, grad_dtype=None):
         size = w_hh.shape[1]
         gi, stored = gi.transpose(0, 1), stored.transpose(0, 1)  # time-major views
         reset = starts.transpose(0, 1).unsqueeze(-1)
@@ -180,6 +184,7 @@ class _GRUScan(torch.autograd.Function):
         _, h_in, gh_n, rz, n = output
         ctx.mark_non_differentiable(h_in, gh_n, rz, n)
         ctx.save_for_backward(starts, w_hh, h_in, gh_n, rz, n)
+        ctx.grad_dtype = inputs[5] if len(inputs) > 5 else None
 
     @staticmethod
     @once_differentiable
@@ -208,21 +213,23 @@ class _GRUScan(torch.autograd.Function):
         per_step = (grad_out, keep_next, dh, coef, products, d_gh, direct, carries)
         per_step = [v.unbind(0)[::-1] for v in per_step]
         carry = torch.zeros_like(grad_out[0])  # the gradient reaching h_in at t+1
-        for grad_t, keep_t, dh_t, coef_t, products_t, d_gh_t, direct_t, carry_t in zip(
-            *per_step
-        ):
+        for grad_t, keep_t, dh_t, coef_t, products_t, d_gh_t, direct_t, carry_t in zip(*per_step):
             torch.addcmul(grad_t, carry, keep_t, out=dh_t)
             torch.mul(dh_t.unsqueeze(-2), coef_t, out=products_t)
             carry = torch.addmm(direct_t, d_gh_t, w_hh, out=carry_t)
-        flat = d_gh.reshape(-1, 3 * size)
-        d_w, d_b = flat.t() @ h_in.reshape(-1, size), flat.sum(0)
+        flat, h_flat = d_gh.reshape(-1, 3 * size), h_in.reshape(-1, size)
+        if ctx.grad_dtype is None:
+            d_w = flat.t() @ h_flat
+        else:
+            d_w = (flat.t().to(ctx.grad_dtype) @ h_flat.to(ctx.grad_dtype)).to(w_hh.dtype)
+        d_b = flat.sum(0)
         torch.mul(dh, da_n, out=products[:, :, 2])  # d_gh becomes the input gates' gradient
         # Where the state was reset, what reached h_in goes to the stored state instead.
         d_stored = (carries * reset).transpose(0, 1) if ctx.needs_input_grad[1] else None
-        return d_gh.transpose(0, 1), d_stored, None, d_w, d_b
+        return d_gh.transpose(0, 1), d_stored, None, d_w, d_b, None
 
     @staticmethod
-    def vmap(info, in_dims, gi, stored, starts, w_hh, b_hh):
+    def vmap(info, in_dims, gi, stored, starts, w_hh, b_hh, grad_dtype=None):
         """Batching rule: the scan writes into preallocated buffers (``out=``), which vmap
         cannot trace. With shared weights (vmap over data) the vmapped dim joins the batch of
         one scan; with per-map weights (stacked parameter sets) each set runs its own scan."""
@@ -236,12 +243,20 @@ class _GRUScan(torch.autograd.Function):
         if in_dims[3] is None and in_dims[4] is None:
             batch = gi.shape[1]
             outs = _GRUScan.apply(
-                gi.flatten(0, 1), stored.flatten(0, 1), starts.flatten(0, 1), w_hh, b_hh
+                gi.flatten(0, 1),
+                stored.flatten(0, 1),
+                starts.flatten(0, 1),
+                w_hh,
+                b_hh,
+                grad_dtype,
             )
             # out is [size * S, L, h]; the intermediates are time-major [L, size * S, ...].
             out = outs[0].unflatten(0, (size, batch))
             rest = [v.unflatten(1, (size, batch)) for v in outs[1:]]
             return (out, *rest), (0, 1, 1, 1, 1)
         w_hh, b_hh = (leading(v, d) for v, d in zip(args[3:], in_dims[3:]))
-        per_map = [_GRUScan.apply(*map_args) for map_args in zip(gi, stored, starts, w_hh, b_hh)]
+        per_map = [
+            _GRUScan.apply(*map_args, grad_dtype)
+            for map_args in zip(gi, stored, starts, w_hh, b_hh)
+        ]
         return tuple(torch.stack(outs) for outs in zip(*per_map)), (0,) * 5
