@@ -115,8 +115,8 @@ def gru_scan(
 
     Under ``torch.autocast`` the recurrence runs in the weights' dtype: the input gates may
     arrive rounded to the autocast dtype, but the per-step products and the state do not round
-    again over the steps. The gradient of ``w_hh``, one product over all steps as a
-    ``Linear``'s weight gradient is, runs in the autocast dtype as a ``Linear``'s does.
+    again over the steps. The gradient of ``w_hh`` is one product over all steps, like a
+    ``Linear``'s weight gradient, and like it runs in the autocast dtype.
     """
     device = gi.device.type
     if torch.is_autocast_enabled(device):
