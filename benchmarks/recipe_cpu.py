@@ -43,7 +43,7 @@ def build(ppo, task: str, variant: str, seed: int):
     flags += ["--critic_core", critic] if critic else []
     args = ppo.parse_args([*flags, *(["--mop_layers", layers] if layers else [])])
     ppo.configure_torch(seed)
-    env = ppo.make_env(task, args.num_envs, seed, args.reward_scale)
+    env = ppo.make_recipe_env(args)
     actor, critic, cores = ppo.make_agent(args, env)
     args.frames = -1  # collect until told to stop
     learner = ppo.make_learner(actor, critic, cores, args)

@@ -9,7 +9,8 @@ only (the RL Zoo's ``CartPoleNoVel``); Pendulum: ``Pendulum-v1`` observing ``cos
 only (``PendulumNoVel``), built by ``masked_control.py`` beside this script (it drops the
 velocities, so they have to be inferred from memory). The recipe is the RL Zoo's recurrent PPO
 (``hyperparams/ppo_lstm.yml``, sb3-contrib's ``RecurrentPPO``) in TorchRL's parts:
-observations normalised by ``VecNorm``, rewards scaled by ``RewardScaling``; an actor ``core →
+observations normalised by ``VecNorm``, rewards divided by a running std of the discounted
+return (``ReturnScaling``, the Zoo's ``VecNormalize``); an actor ``core →
 Linear(64)+ReLU → head`` (categorical logits on CartPole; on Pendulum a Normal with gSDE
 exploration, :class:`StateDependentNoise`) and a critic with **its own** core
 (``enable_critic_lstm``); TorchRL's ``ClipPPOLoss`` (value loss 0.5·MSE, gradient norm 0.5) on
@@ -79,7 +80,7 @@ from masked_control import (  # beside this script
 # linearly to 0 (over --frames). PendulumNoVel: 4 envs x 1024 steps, 10 epochs of minibatches of
 # 128 steps (sb3-contrib's default batch_size: here 32 chunks of 128 steps, one per minibatch),
 # gamma 0.9, lambda 0.95, lr 1e-3 and clip 0.2 constant, gSDE redrawn every 4 steps. Both
-# normalise observations and rewards.
+# normalise observations and rewards (``--return_norm``).
 DEFAULTS = {
     "pendulum": {
         "frames": 151_552,
@@ -92,7 +93,6 @@ DEFAULTS = {
         "anneal_lr": False,
         "anneal_clip": False,
         "gsde_freq": 4,
-        "reward_scale": 0.1,
         "gamma": 0.9,
         "lmbda": 0.95,
     },
@@ -106,7 +106,6 @@ DEFAULTS = {
         "anneal_lr": True,
         "anneal_clip": True,
         "gsde_freq": 0,
-        "reward_scale": 0.1,
         "gamma": 0.98,
         "lmbda": 0.8,
     },
@@ -284,6 +283,14 @@ def make_agent(
     return actor, critic, cores
 
 
+def make_recipe_env(args: argparse.Namespace) -> TransformedEnv:
+    """The task's envs, rewards scaled by ``--reward_scale`` or, with ``--return_norm``, by a
+    running std of the return discounted with the recipe's ``--gamma`` (the Zoo's way)."""
+    if args.return_norm:
+        return make_env(args.env, args.num_envs, args.seed, None, return_gamma=args.gamma)
+    return make_env(args.env, args.num_envs, args.seed, args.reward_scale)
+
+
 def make_advantage(critic: TensorDictSequential, gamma: float, lmbda: float) -> GAE:
     """GAE over whole sequences; ``deactivate_vmap=True`` for recurrent critics (see above)."""
     return GAE(gamma=gamma, lmbda=lmbda, value_network=critic, deactivate_vmap=True)
@@ -320,7 +327,16 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         default=None,
         help="clip range linearly to 0",
     )
-    parser.add_argument("--reward_scale", type=float, help="reward multiplier for the critic")
+    parser.add_argument(
+        "--return_norm",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="divide rewards by a running std of the discounted return (the Zoo's "
+        "VecNormalize); --no-return_norm multiplies them by --reward_scale instead",
+    )
+    parser.add_argument(
+        "--reward_scale", type=float, default=0.1, help="with --no-return_norm: reward multiplier"
+    )
     parser.add_argument("--hidden", type=int, default=64, help="GRU/LSTM hidden size")
     parser.add_argument(
         "--dropout_beta",
@@ -481,7 +497,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     the MoP routing of the last batches and the last collected batch."""
     args = parse_args(argv)
     configure_torch(args.seed)
-    env = make_env(args.env, args.num_envs, args.seed, args.reward_scale)
+    env = make_recipe_env(args)
     actor, critic, cores = make_agent(args, env)
     learner = make_learner(actor, critic, cores, args)
     collector = make_collector(env, actor, critic, args)

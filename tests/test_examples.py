@@ -119,6 +119,38 @@ def test_mop_layers_flag_sets_every_recipe_core():
         assert [core.config.layers for core in cores] == [expected] * 3
 
 
+def test_return_scaling_divides_rewards_by_the_returns_running_std():
+    """``ReturnScaling`` against SB3's ``VecNormalize`` written out in closed form: each reward
+    divided by the std of every discounted return seen so far (a prior of count 1e-4, mean 0,
+    variance 1), clipped to ±10; each env's return restarts after its episode ends, also when
+    the other envs go on (partial resets)."""
+    masked_control = load_example("masked_control")
+    gamma, always_left = 0.98, lambda td: td.set("action", torch.zeros(td.shape, dtype=torch.long))
+    env = masked_control.make_env("cartpole", 3, 0, None, return_gamma=gamma)
+    rollout = env.rollout(60, always_left, break_when_any_done=False)
+    scaled, done = rollout["next", "reward"].squeeze(-1).double(), rollout["next", "done"]
+    ends = done.squeeze(-1)
+    assert (ends.any(0) & ~ends.all(0)).any()  # some env's episode ends while others go on
+
+    returns, seen, expected = torch.zeros(3, dtype=torch.float64), [], []
+    for t in range(scaled.shape[1]):
+        returns = returns * gamma + 1.0  # CartPole's reward
+        seen.append(returns)
+        values, prior = torch.cat(seen), 1e-4
+        mean = values.sum() / (prior + len(values))
+        var = (prior + ((values - mean) ** 2).sum() + prior * mean**2) / (prior + len(values))
+        expected.append((1.0 / (var + 1e-8).sqrt()).clamp(max=10.0).expand(3))
+        returns = returns.masked_fill(done[:, t, 0], 0.0)
+    torch.testing.assert_close(scaled, torch.stack(expected, 1), rtol=1e-5, atol=0)
+    with pytest.raises(ValueError, match="one of reward_scale and return_gamma"):
+        masked_control.make_env("cartpole", 2, 0, 0.1, return_gamma=gamma)
+    # Both PPO recipes normalise this way by default, each with its own gamma.
+    ppo = load_example("recurrent_ppo")
+    for task, task_gamma in (("cartpole", 0.98), ("pendulum", 0.9)):
+        scaling = ppo.make_recipe_env(ppo.parse_args(["--env", task])).transform[-1]
+        assert type(scaling).__name__ == "ReturnScaling" and scaling.gamma == task_gamma
+
+
 def test_dqn_n_step_targets_cut_at_episode_ends():
     """n-step double-DQN targets by hand: a terminal step ends the sum without bootstrap, a sum
     that meets a time-limit truncation is invalid (its next state is not in the row)."""
