@@ -52,11 +52,15 @@ class ReturnScaling(Transform):
     The return is tracked per env (zeroed where an episode ends) and its mean and variance
     accumulated over every step seen, as ``RunningMeanStd`` does.
 
+    As in ``VecNormalize``, the first steps' rewards are large (the std of a few equal returns is
+    near 0; clipped to 10 at the first step), and the scale settles after a few thousand steps
+    (on the CartPole recipe near 0.065 from ~13k frames on).
+
     Examples:
         >>> env = make_env("cartpole", 2, 0, reward_scale=None, return_gamma=0.98)
-        >>> rewards = env.rollout(40)["next", "reward"]
-        >>> bool((rewards > 0).all() and (rewards < 1).all())
-        True
+        >>> rewards = env.rollout(40)["next", "reward"].squeeze(-1)  # CartPole's reward is 1
+        >>> rewards[0, :3]
+        tensor([10.0000,  2.0405,  1.2623])
     """
 
     def __init__(self, gamma: float, clip: float = 10.0, eps: float = 1e-8) -> None:
@@ -110,8 +114,8 @@ def make_env(
     observation space's bounds: fixed, so that a replay buffer's old entries mean what new ones
     do (running statistics move after an entry is stored). Rewards are scaled by
     ``reward_scale`` for the critic, or with ``return_gamma`` divided by a running std of the
-    discounted return (``ReturnScaling``, as ``VecNormalize``; it gives about 0.1 late in
-    training on both tasks); ``episode_reward`` stays unscaled."""
+    discounted return (``ReturnScaling``, as ``VecNormalize``); ``episode_reward`` stays
+    unscaled."""
     if (reward_scale is None) == (return_gamma is None):
         raise ValueError(
             f"give one of reward_scale and return_gamma, got {reward_scale} and {return_gamma}"
