@@ -73,7 +73,7 @@ class ReturnScaling(Transform):
 
     def _step(self, tensordict: TensorDictBase, next_tensordict: TensorDictBase) -> TensorDictBase:
         reward = next_tensordict["reward"]
-        if self.returns is None or self.returns.shape != reward.shape:
+        if self.returns is None:  # the first step after a full reset
             self.returns = torch.zeros_like(reward)
         self.returns = self.returns * self.gamma + reward
         self._accumulate(self.returns.double())
