@@ -6,7 +6,8 @@
 
 Runs ``examples/recurrent_ppo.py`` (the RL Zoo's recurrent PPO in TorchRL) on masked CartPole
 (``cartpole``) and masked Pendulum (``pendulum``), and ``examples/recurrent_dqn.py`` (R2D2's
-recipe, small) on masked CartPole (``cartpole_dqn``), for every core (``--cores``) and seed, each
+recipe, small) on masked CartPole (``cartpole_dqn``), for every core (``--cores``: ``mop``, ``gru``, ``lstm``, or
+``ACTOR+CRITIC`` such as ``mop+gru`` for the PPO recipes' ``--critic_core``) and seed, each
 with the example's own defaults unless ``--{task}_frames`` is given. ``--jobs`` processes run
 at a time, one torch thread each (with one job seed by seed, so a cut-short benchmark still
 has every core on the finished seeds; with more, the MoP runs first, as they take the most
@@ -37,6 +38,8 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 CORES = ("mop", "gru", "lstm")
+# What --cores takes: one kind for both roles, or the actor's and the critic's (PPO only).
+CORE_SPECS = CORES + tuple(f"{a}+{c}" for a in CORES for c in CORES if a != c)
 # An example's imports, env set-up and saving, outside its own --max_wall_s clock.
 START_MARGIN_S = 45.0
 TASKS = {
@@ -55,7 +58,12 @@ class Run:
 
     @property
     def name(self) -> str:
-        return f"{self.task}_{self.core}_s{self.seed}"
+        return f"{self.task}_{spec_name(self.core)}_s{self.seed}"
+
+
+def spec_name(spec: str) -> str:
+    """``mop+gru`` -> ``mop_critic_gru``, as the records of a run with a critic of its own."""
+    return spec.replace("+", "_critic_")
 
 
 def pending_runs(
@@ -69,10 +77,10 @@ def pending_runs(
         for seed in seeds
         for task in tasks
         for core in cores
-        if not (out / f"{task}_{core}_s{seed}.json").exists()
+        if not (out / f"{task}_{spec_name(core)}_s{seed}.json").exists()
     ]
     if jobs > 1:
-        runs.sort(key=lambda run: run.core != "mop")
+        runs.sort(key=lambda run: "mop" not in run.core)
     return runs
 
 
@@ -89,7 +97,9 @@ def start(
     sets the MoP cores' expert sizes (the example's ``--mop_layers``)."""
     script, *task_args = TASKS[run.task][0]
     cmd = [sys.executable, str(ROOT / "examples" / script), *task_args]
-    cmd += ["--core", run.core, "--seed", str(run.seed), "--out", str(out / f"{run.name}.json")]
+    actor, _, critic = run.core.partition("+")
+    cmd += ["--core", actor, *(["--critic_core", critic] if critic else [])]
+    cmd += ["--seed", str(run.seed), "--out", str(out / f"{run.name}.json")]
     if frames.get(run.task) is not None:
         cmd += ["--frames", str(frames[run.task])]
     if max_wall_s is not None:
@@ -97,7 +107,7 @@ def start(
     if stop_at_target:
         _, target, window = TASKS[run.task]
         cmd += ["--stop_return", str(target), "--stop_window", str(window)]
-    if mop_layers is not None and run.core == "mop":
+    if mop_layers is not None and "mop" in run.core:
         cmd += ["--mop_layers", mop_layers]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     with open(out / f"{run.name}.log", "w") as log:
@@ -180,8 +190,11 @@ def rolling(curve: list, window: int) -> tuple[np.ndarray, np.ndarray]:
 def summarise(out: Path) -> dict:
     summary: dict = {}
     for task, (_, target, window) in TASKS.items():
-        for core in CORES:
-            runs = [json.loads(p.read_text()) for p in sorted(out.glob(f"{task}_{core}_s*.json"))]
+        for core in CORE_SPECS:
+            runs = [
+                json.loads(p.read_text())
+                for p in sorted(out.glob(f"{task}_{spec_name(core)}_s*.json"))
+            ]
             if not runs:
                 continue
             finals, reach = [], []
@@ -202,7 +215,7 @@ def summarise(out: Path) -> dict:
                 "frames_to_target": reach,
                 "wall_s": [r.get("process_wall_s", r["wall_s"]) for r in runs],
                 "cpu_s": [r.get("process_cpu_s") for r in runs],
-                "routing": [r["routing"] for r in runs] if core == "mop" else None,
+                "routing": [r["routing"] for r in runs] if core.startswith("mop") else None,
             }
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     return summary
@@ -233,7 +246,7 @@ def table(summary: dict) -> str:
                 for b, weights in enumerate(blocks)
             )
             rows.append(
-                f"\nMoP routing on {s['task']} (mean weight of each expert, in block order): {text}"
+                f"\nMoP routing on {s['task']}, {s['core']} (mean weight of each expert, in block order): {text}"
             )
     return "\n".join(rows)
 
@@ -244,14 +257,19 @@ def plot(out: Path, figure: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    tasks = [t for t in TASKS if any(any(out.glob(f"{t}_{c}_s*.json")) for c in CORES)]
+    tasks = [
+        t for t in TASKS if any(any(out.glob(f"{t}_{spec_name(c)}_s*.json")) for c in CORE_SPECS)
+    ]
     if not tasks:
         return
     fig, axes = plt.subplots(1, len(tasks), figsize=(5.5 * len(tasks), 4), squeeze=False)
     for ax, task in zip(axes[0], tasks):
         _, target, window = TASKS[task]
-        for core in CORES:
-            runs = [json.loads(p.read_text()) for p in sorted(out.glob(f"{task}_{core}_s*.json"))]
+        for core in CORE_SPECS:
+            runs = [
+                json.loads(p.read_text())
+                for p in sorted(out.glob(f"{task}_{spec_name(core)}_s*.json"))
+            ]
             runs = [run for run in runs if run["curve"]]  # a cut-short run may have no episode
             if not runs:
                 continue
@@ -263,7 +281,7 @@ def plot(out: Path, figure: Path) -> None:
             (line,) = ax.plot(
                 grid,
                 curves.mean(0),
-                color=f"C{CORES.index(core)}",
+                color=f"C{CORE_SPECS.index(core)}",
                 label=f"{core} ({len(runs)} seeds)",
             )
             ax.fill_between(grid, curves.min(0), curves.max(0), color=line.get_color(), alpha=0.2)
@@ -283,7 +301,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("bench_results/classic_pomdp"))
     parser.add_argument("--tasks", nargs="+", choices=list(TASKS), default=["cartpole", "pendulum"])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--cores", nargs="+", choices=CORES, default=list(CORES))
+    parser.add_argument("--cores", nargs="+", choices=CORE_SPECS, default=list(CORES))
     for task in TASKS:
         parser.add_argument(f"--{task}_frames", type=int, help="default: the example's own")
     parser.add_argument("--jobs", type=int, default=1, help="example processes at a time")
@@ -304,6 +322,8 @@ def main() -> None:
     parser.add_argument("--collect", action="store_true", help="summarise finished runs only")
     parser.add_argument("--figure", type=Path, default=Path("docs/figures/classic_pomdp.png"))
     args = parser.parse_args()
+    if "cartpole_dqn" in args.tasks and any("+" in core for core in args.cores):
+        parser.error("--cores ACTOR+CRITIC is for the PPO tasks: the DQN recipe has no critic")
     if not args.collect:
         frames = {task: getattr(args, f"{task}_frames") for task in TASKS}
         run_all(

@@ -1,0 +1,40 @@
+"""benchmarks/classic_pomdp.py: a run per (task, cores, seed), each a real example process."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "classic_pomdp.py"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("classic_pomdp", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclass looks its module up while it is built
+    spec.loader.exec_module(module)
+    yield module
+    del sys.modules[spec.name]
+
+
+@pytest.mark.subprocess
+@pytest.mark.slow
+def test_actor_and_critic_cores_run_and_are_summarised_apart(bench, tmp_path):
+    """``mop+gru``: the example gets ``--core mop --critic_core gru``, its record is named as the
+    docs' are (``mop_critic_gru``), and the summary keeps it apart from ``mop`` (MoP in both)."""
+    bench.run_all(tmp_path, ["cartpole"], [0], {"cartpole": 512}, cores=("mop+gru",))
+    record = json.loads((tmp_path / "cartpole_mop_critic_gru_s0.json").read_text())
+    assert (record["core"], record["critic_core"], record["frames"]) == ("mop", "gru", 512)
+    assert record["process_cpu_s"] > 0
+    summary = bench.summarise(tmp_path)
+    assert list(summary) == ["cartpole/mop+gru"]
+    assert [len(w) for w in summary["cartpole/mop+gru"]["routing"][0]] == [3, 3, 3]
+    # a finished run is not run again
+    assert bench.pending_runs(tmp_path, ["cartpole"], [0], 1, ("mop+gru", "gru")) == [
+        bench.Run("cartpole", "gru", 0)
+    ]
