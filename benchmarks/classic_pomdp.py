@@ -6,8 +6,9 @@
 
 Runs ``examples/recurrent_ppo.py`` (the RL Zoo's recurrent PPO in TorchRL) on masked CartPole
 (``cartpole``) and masked Pendulum (``pendulum``), and ``examples/recurrent_dqn.py`` (R2D2's
-recipe, small) on masked CartPole (``cartpole_dqn``), for every core (``--cores``: ``mop``, ``gru``, ``lstm``, or
-``ACTOR+CRITIC`` such as ``mop+gru`` for the PPO recipes' ``--critic_core``) and seed, each
+recipe, small) on masked CartPole (``cartpole_dqn``), for every core (``--cores``: ``mop``,
+``gru``, ``lstm``, or ``ACTOR+CRITIC`` such as ``mop+gru``, the PPO recipes' ``--critic_core``)
+and seed, each
 with the example's own defaults unless ``--{task}_frames`` is given. ``--jobs`` processes run
 at a time, one torch thread each (with one job seed by seed, so a cut-short benchmark still
 has every core on the finished seeds; with more, the MoP runs first, as they take the most
@@ -187,14 +188,18 @@ def rolling(curve: list, window: int) -> tuple[np.ndarray, np.ndarray]:
     return frames, (cumsum[idx] - cumsum[lo]) / (idx - lo)
 
 
+def load_runs(out: Path, task: str, core: str) -> list[dict]:
+    """The records of one task and ``--cores`` entry, seed by seed."""
+    return [
+        json.loads(p.read_text()) for p in sorted(out.glob(f"{task}_{spec_name(core)}_s*.json"))
+    ]
+
+
 def summarise(out: Path) -> dict:
     summary: dict = {}
     for task, (_, target, window) in TASKS.items():
         for core in CORE_SPECS:
-            runs = [
-                json.loads(p.read_text())
-                for p in sorted(out.glob(f"{task}_{spec_name(core)}_s*.json"))
-            ]
+            runs = load_runs(out, task, core)
             if not runs:
                 continue
             finals, reach = [], []
@@ -246,7 +251,8 @@ def table(summary: dict) -> str:
                 for b, weights in enumerate(blocks)
             )
             rows.append(
-                f"\nMoP routing on {s['task']}, {s['core']} (mean weight of each expert, in block order): {text}"
+                f"\nMoP routing on {s['task']}, {s['core']} "
+                f"(mean weight of each expert, in block order): {text}"
             )
     return "\n".join(rows)
 
@@ -257,9 +263,7 @@ def plot(out: Path, figure: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    tasks = [
-        t for t in TASKS if any(any(out.glob(f"{t}_{spec_name(c)}_s*.json")) for c in CORE_SPECS)
-    ]
+    tasks = [t for t in TASKS if any(load_runs(out, t, c) for c in CORE_SPECS)]
     if not tasks:
         return
     fig, axes = plt.subplots(1, len(tasks), figsize=(5.5 * len(tasks), 4), squeeze=False)
@@ -267,10 +271,8 @@ def plot(out: Path, figure: Path) -> None:
         _, target, window = TASKS[task]
         for core in CORE_SPECS:
             runs = [
-                json.loads(p.read_text())
-                for p in sorted(out.glob(f"{task}_{spec_name(core)}_s*.json"))
-            ]
-            runs = [run for run in runs if run["curve"]]  # a cut-short run may have no episode
+                run for run in load_runs(out, task, core) if run["curve"]
+            ]  # a cut-short run may have no episode
             if not runs:
                 continue
             rolled = [rolling(run["curve"], window) for run in runs]
