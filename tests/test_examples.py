@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from torchrl.envs.utils import ExplorationType, set_exploration_type
-from torchrl.modules import set_recurrent_mode
+from torchrl.modules import LSTMModule, set_recurrent_mode
 
 EXAMPLES = Path(__file__).parent.parent / "examples"
 
@@ -61,7 +61,7 @@ SMOKE["recurrent_dqn"] = [
     *("--frames", "512", "--num_envs", "4", "--seq_len", "32", "--burn_in", "8"),
     *("--warmup", "128", "--batch_rows", "4", "--updates_per_batch", "2"),
 ]
-# each recipe's cores and the keys of their states
+# each recipe's cores and the prefixes of their state keys (an LSTM's are "{prefix}_h"/"_c")
 STATE_KEYS = {"recurrent_ppo": ("actor_state", "critic_state"), "recurrent_dqn": ("q_state",)}
 
 
@@ -79,9 +79,11 @@ def test_recurrent_recipe_smoke(example, core, tmp_path):
     batch = result["last_batch"]  # [env, time]
     is_init = batch["is_init"].squeeze(-1)
     # each core (PPO: the actor's and the critic's) keeps its state under its own keys
-    state = batch.select(*STATE_KEYS[script])
+    names = [k for k in batch.keys() if k.startswith(STATE_KEYS[script])]  # noqa: SIM118
+    for prefix in STATE_KEYS[script]:  # (iterating a TensorDict runs over its batch dim)
+        assert any(k.startswith(prefix) for k in names), f"{prefix} not collected"
+    state = batch.select(*names)
     keys = list(state.keys(include_nested=True, leaves_only=True))
-    assert keys, "the core's hidden state is missing from the collected data"
     carried = ~is_init[:, 1:]
     assert carried.any()
     for key in keys:
@@ -149,6 +151,24 @@ def test_return_scaling_divides_rewards_by_the_returns_running_std():
     for task, task_gamma in (("cartpole", 0.98), ("pendulum", 0.9)):
         scaling = ppo.make_recipe_env(ppo.parse_args(["--env", task])).transform[-1]
         assert type(scaling).__name__ == "ReturnScaling" and scaling.gamma == task_gamma
+
+
+def test_ppo_task_defaults_pick_the_critic_and_alpha():
+    """Each task's measured defaults: on CartPole every actor gets the Zoo's LSTM critic and α
+    3e-2, on Pendulum a critic of the actor's kind and ``DEFAULT_RL_ALPHA``; flags win."""
+    from mop_torchrl.core.config import DEFAULT_RL_ALPHA
+
+    ppo = load_example("recurrent_ppo")
+    for core in ("mop", "gru"):
+        args = ppo.parse_args(["--env", "cartpole", "--core", core])
+        assert (args.critic_core, args.alpha) == ("lstm", 3e-2)
+        env = load_example("masked_control").make_env("cartpole", 2, 0, 0.1)
+        _, critic, _ = ppo.make_agent(args, env)
+        assert any(isinstance(m, LSTMModule) for m in critic.modules())
+    args = ppo.parse_args(["--env", "pendulum", "--core", "mop"])
+    assert (args.critic_core, args.alpha) == (None, DEFAULT_RL_ALPHA)
+    args = ppo.parse_args(["--env", "cartpole", "--critic_core", "mop", "--alpha", "0"])
+    assert (args.critic_core, args.alpha) == ("mop", 0.0)
 
 
 def test_dqn_n_step_targets_cut_at_episode_ends():
