@@ -7,9 +7,8 @@
 Runs ``examples/recurrent_ppo.py`` (the RL Zoo's recurrent PPO in TorchRL) on masked CartPole
 (``cartpole``) and masked Pendulum (``pendulum``), and ``examples/recurrent_dqn.py`` (R2D2's
 recipe, small) on masked CartPole (``cartpole_dqn``), for every core (``--cores``: ``mop``,
-``gru``, ``lstm``, or ``ACTOR+CRITIC`` such as ``mop+gru``, the PPO recipes' ``--critic_core``)
-and seed, each
-with the example's own defaults unless ``--{task}_frames`` is given. ``--jobs`` processes run
+``gru``, ``lstm`` with the example's default critic, or ``ACTOR+CRITIC`` such as ``mop+gru``,
+the PPO recipes' ``--critic_core``) and seed, each with the example's own defaults unless ``--{task}_frames`` is given. ``--jobs`` processes run
 at a time, one torch thread each (with one job seed by seed, so a cut-short benchmark still
 has every core on the finished seeds; with more, the MoP runs first, as they take the most
 CPU). A run whose JSON exists is skipped; each run's output goes to
@@ -39,8 +38,9 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 CORES = ("mop", "gru", "lstm")
-# What --cores takes: one kind for both roles, or the actor's and the critic's (PPO only).
-CORE_SPECS = CORES + tuple(f"{a}+{c}" for a in CORES for c in CORES if a != c)
+# What --cores takes: an actor's kind (the recipe's default critic), or the actor's and the
+# critic's (PPO only; ``gru+gru`` overrides CartPole's default LSTM critic).
+CORE_SPECS = CORES + tuple(f"{a}+{c}" for a in CORES for c in CORES)
 # An example's imports, env set-up and saving, outside its own --max_wall_s clock.
 START_MARGIN_S = 45.0
 TASKS = {
@@ -211,6 +211,7 @@ def summarise(out: Path) -> dict:
             summary[f"{task}/{core}"] = {
                 "task": task,
                 "core": core,
+                "critic_core": runs[0].get("critic_core"),  # the DQN has none
                 "seeds": [r["seed"] for r in runs],
                 "frames": [r["frames"] for r in runs],
                 "params": runs[0]["params"],
@@ -237,8 +238,10 @@ def table(summary: dict) -> str:
         reach = ", ".join("—" if r is None else f"{r:,.0f}" for r in s["frames_to_target"])
         cpu = [c for c in s["cpu_s"] if c is not None]
         fps = np.mean([f / w for f, w in zip(s["frames"], s["wall_s"])])
+        actor, critic = s["core"].partition("+")[0], s.get("critic_core")
+        core = actor if critic in (None, actor) else f"{actor} + {critic} critic"
         rows.append(
-            f"| {s['task']} | {s['core']} | {s['params']:,} | {len(s['seeds'])} "
+            f"| {s['task']} | {core} | {s['params']:,} | {len(s['seeds'])} "
             f"| {s['frames'][0]:,} | {np.mean(s['final_return']):.0f} ({each}) | {reach} "
             f"| {np.mean(s['wall_s']):.0f} | {np.mean(cpu) if cpu else float('nan'):.0f} "
             f"| {fps:.0f} |"

@@ -26,7 +26,8 @@ def bench():
 @pytest.mark.slow
 def test_actor_and_critic_cores_run_and_are_summarised_apart(bench, tmp_path):
     """``mop+gru``: the example gets ``--core mop --critic_core gru``, its record is named as the
-    docs' are (``mop_critic_gru``), and the summary keeps it apart from ``mop`` (MoP in both)."""
+    docs' are (``mop_critic_gru``), and the summary keeps it apart from ``mop`` (the recipe's
+    default critic) and names the critic in its table."""
     bench.run_all(tmp_path, ["cartpole"], [0], {"cartpole": 512}, cores=("mop+gru",))
     record = json.loads((tmp_path / "cartpole_mop_critic_gru_s0.json").read_text())
     assert (record["core"], record["critic_core"], record["frames"]) == ("mop", "gru", 512)
@@ -34,6 +35,7 @@ def test_actor_and_critic_cores_run_and_are_summarised_apart(bench, tmp_path):
     summary = bench.summarise(tmp_path)
     assert list(summary) == ["cartpole/mop+gru"]
     assert [len(w) for w in summary["cartpole/mop+gru"]["routing"][0]] == [3, 3, 3]
+    assert "| cartpole | mop + gru critic |" in bench.table(summary)
     # a finished run is not run again
     assert bench.pending_runs(tmp_path, ["cartpole"], [0], 1, ("mop+gru", "gru")) == [
         bench.Run("cartpole", "gru", 0)
