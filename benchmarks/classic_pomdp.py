@@ -188,6 +188,13 @@ def rolling(curve: list, window: int) -> tuple[np.ndarray, np.ndarray]:
     return frames, (cumsum[idx] - cumsum[lo]) / (idx - lo)
 
 
+def core_label(core: str, critic: str | None) -> str:
+    """How the table and the figure name a ``--cores`` entry: the actor, and the critic where
+    it is another kind (``gru + lstm critic``)."""
+    actor = core.partition("+")[0]
+    return actor if critic in (None, actor) else f"{actor} + {critic} critic"
+
+
 def load_runs(out: Path, task: str, core: str) -> list[dict]:
     """The records of one task and ``--cores`` entry, seed by seed."""
     return [
@@ -238,10 +245,8 @@ def table(summary: dict) -> str:
         reach = ", ".join("—" if r is None else f"{r:,.0f}" for r in s["frames_to_target"])
         cpu = [c for c in s["cpu_s"] if c is not None]
         fps = np.mean([f / w for f, w in zip(s["frames"], s["wall_s"])])
-        actor, critic = s["core"].partition("+")[0], s.get("critic_core")
-        core = actor if critic in (None, actor) else f"{actor} + {critic} critic"
         rows.append(
-            f"| {s['task']} | {core} | {s['params']:,} | {len(s['seeds'])} "
+            f"| {s['task']} | {core_label(s['core'], s.get('critic_core'))} | {s['params']:,} | {len(s['seeds'])} "
             f"| {s['frames'][0]:,} | {np.mean(s['final_return']):.0f} ({each}) | {reach} "
             f"| {np.mean(s['wall_s']):.0f} | {np.mean(cpu) if cpu else float('nan'):.0f} "
             f"| {fps:.0f} |"
@@ -287,7 +292,7 @@ def plot(out: Path, figure: Path) -> None:
                 grid,
                 curves.mean(0),
                 color=f"C{CORE_SPECS.index(core)}",
-                label=f"{core} ({len(runs)} seeds)",
+                label=f"{core_label(core, runs[0].get('critic_core'))} ({len(runs)} seeds)",
             )
             ax.fill_between(grid, curves.min(0), curves.max(0), color=line.get_color(), alpha=0.2)
         ax.axhline(target, color="grey", ls="--", lw=0.8)
