@@ -8,18 +8,18 @@ Runs ``examples/recurrent_ppo.py`` (the RL Zoo's recurrent PPO in TorchRL) on ma
 (``cartpole``) and masked Pendulum (``pendulum``), and ``examples/recurrent_dqn.py`` (R2D2's
 recipe, small) on masked CartPole (``cartpole_dqn``), for every core (``--cores``: ``mop``,
 ``gru``, ``lstm`` with the example's default critic, or ``ACTOR+CRITIC`` such as ``mop+gru``,
-the PPO recipes' ``--critic_core``) and seed, each with the example's own defaults unless ``--{task}_frames`` is given. ``--jobs`` processes run
-at a time, one torch thread each (with one job seed by seed, so a cut-short benchmark still
-has every core on the finished seeds; with more, the MoP runs first, as they take the most
-CPU). A run whose JSON exists is skipped; each run's output goes to
-``{task}_{core}_s{seed}.log``. ``--max_wall_s`` makes every run stop early (and save its curve)
-after that many seconds, ``--budget_s`` bounds the whole benchmark, ``--stop_at_target`` stops
-a run once its rolling mean reaches the task's target (all the table needs), ``--mop_layers``
-gives the MoP cores other expert sizes (write those runs to their own ``--out``). Each run's wall
-time and CPU time are recorded (on a shared machine the CPU time is the comparable one).
-``--collect`` writes ``summary.json``, prints a markdown table (final return, frames to reach
-the target, frames/s, MoP routing per block) and plots return vs frames (mean and range over
-seeds) to ``--figure``.
+the PPO recipes' ``--critic_core``) and seed, each with the example's own defaults unless
+``--{task}_frames`` is given. ``--jobs`` processes run at a time, one torch thread each (with
+one job seed by seed, so a cut-short benchmark still has every core on the finished seeds; with
+more, the MoP runs first, as they take the most CPU). A run whose JSON exists is skipped; each
+run's output goes to ``{task}_{core}_s{seed}.log``. ``--max_wall_s`` makes every run stop early
+(and save its curve) after that many seconds, ``--budget_s`` bounds the whole benchmark,
+``--stop_at_target`` stops a run once its rolling mean reaches the task's target (all the table
+needs), ``--mop_layers`` gives the MoP cores other expert sizes (write those runs to their own
+``--out``). Each run's wall time and CPU time are recorded (on a shared machine the CPU time is
+the comparable one). ``--collect`` writes ``summary.json``, prints a markdown table (final
+return, frames to reach the target, frames/s, MoP routing per block) and plots return vs frames
+(mean and range over seeds) to ``--figure``.
 """
 
 from __future__ import annotations
@@ -245,8 +245,9 @@ def table(summary: dict) -> str:
         reach = ", ".join("—" if r is None else f"{r:,.0f}" for r in s["frames_to_target"])
         cpu = [c for c in s["cpu_s"] if c is not None]
         fps = np.mean([f / w for f, w in zip(s["frames"], s["wall_s"])])
+        label = core_label(s["core"], s.get("critic_core"))
         rows.append(
-            f"| {s['task']} | {core_label(s['core'], s.get('critic_core'))} | {s['params']:,} | {len(s['seeds'])} "
+            f"| {s['task']} | {label} | {s['params']:,} | {len(s['seeds'])} "
             f"| {s['frames'][0]:,} | {np.mean(s['final_return']):.0f} ({each}) | {reach} "
             f"| {np.mean(s['wall_s']):.0f} | {np.mean(cpu) if cpu else float('nan'):.0f} "
             f"| {fps:.0f} |"

@@ -15,10 +15,10 @@ Linear(64)+ReLU → head`` (categorical logits on CartPole; on Pendulum a Normal
 exploration, :class:`StateDependentNoise`) and a critic with **its own** core
 (``enable_critic_lstm``: on CartPole an LSTM whatever the actor's core, as in the Zoo; on
 Pendulum of the actor's kind); TorchRL's ``ClipPPOLoss`` (value loss 0.5·MSE, gradient norm
-0.5) on whole per-env sequences or, on Pendulum, 128-step chunks of them, each replayed from the states
-stored at its first step (it enters recurrent mode by itself), with advantages from ``GAE``,
-which does not: it runs inside ``set_recurrent_mode(True)``. Each task has its own defaults
-(``DEFAULTS``); any flag overrides them.
+0.5) on whole per-env sequences or, on Pendulum, 128-step chunks of them, each replayed from
+the states stored at its first step (it enters recurrent mode by itself), with advantages from
+``GAE``, which does not: it runs inside ``set_recurrent_mode(True)``. Each task has its own
+defaults (``DEFAULTS``); any flag overrides them.
 
 ``GAE(..., deactivate_vmap=True)``: a GRU/LSTM critic fails under ``vmap`` in torchrl 0.14.
 The routing cost of the loss's own replay (of its MoP cores) is added to the PPO loss in the
@@ -126,8 +126,8 @@ class FeatureScale(nn.Module):
     MoP's features are a LayerNorm's output (RMS 1 per unit: a norm of 8 at D=64) where a GRU's
     hidden state has a norm of about 0.8; the heads were tuned for the latter (the Zoo's LSTM).
     gSDE's noise grows with the latent's norm (median initial action std 3.46 for MoP against
-    0.64 for the GRU at the Zoo's ``log_std_init``; 0.50 scaled), and every Adam step moves a head's output in
-    proportion to its input. ``1/sqrt(D)`` gives MoP's features unit norm: masked Pendulum then
+    0.64 for the GRU at the Zoo's ``log_std_init``; 0.50 scaled), and every Adam step moves a
+    head's output in proportion to its input. ``1/sqrt(D)`` gives MoP's features unit norm: masked Pendulum then
     reaches −250 in 0.96x the GRU's frames (mean of 3 seeds; 1.28x unscaled)."""
 
     def __init__(self, factor: float) -> None:
