@@ -39,7 +39,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 CORES = ("mop", "gru", "lstm")
 # What --cores takes: an actor's kind (the recipe's default critic), or the actor's and the
-# critic's (PPO only; ``gru+gru`` overrides CartPole's default LSTM critic).
+# critic's (PPO only; ``mop+mop`` overrides a MoP actor's default LSTM critic).
 CORE_SPECS = CORES + tuple(f"{a}+{c}" for a in CORES for c in CORES)
 # An example's imports, env set-up and saving, outside its own --max_wall_s clock.
 START_MARGIN_S = 45.0

@@ -153,20 +153,20 @@ def test_return_scaling_divides_rewards_by_the_returns_running_std():
         assert type(scaling).__name__ == "ReturnScaling" and scaling.gamma == task_gamma
 
 
-def test_ppo_task_defaults_pick_the_critic_and_alpha():
-    """Each task's measured defaults: on CartPole every actor gets the Zoo's LSTM critic and α
-    3e-2, on Pendulum a critic of the actor's kind and ``DEFAULT_RL_ALPHA``; flags win."""
+def test_ppo_defaults_pick_the_critic_and_alpha():
+    """The measured defaults: a MoP actor's critic is the Zoo's LSTM on both tasks, a GRU or
+    LSTM actor's is of its own kind; α is 3e-2 on CartPole and ``DEFAULT_RL_ALPHA`` on
+    Pendulum; flags win."""
     from mop_torchrl.core.config import DEFAULT_RL_ALPHA
 
     ppo = load_example("recurrent_ppo")
-    for core in ("mop", "gru"):
-        args = ppo.parse_args(["--env", "cartpole", "--core", core])
-        assert (args.critic_core, args.alpha) == ("lstm", 3e-2)
-        env = load_example("masked_control").make_env("cartpole", 2, 0, 0.1)
-        _, critic, _ = ppo.make_agent(args, env)
-        assert any(isinstance(m, LSTMModule) for m in critic.modules())
-    args = ppo.parse_args(["--env", "pendulum", "--core", "mop"])
-    assert (args.critic_core, args.alpha) == (None, DEFAULT_RL_ALPHA)
+    for task, alpha in (("cartpole", 3e-2), ("pendulum", DEFAULT_RL_ALPHA)):
+        for core, critic in (("mop", "lstm"), ("gru", "gru"), ("lstm", "lstm")):
+            args = ppo.parse_args(["--env", task, "--core", core])
+            assert (args.critic_core, args.alpha) == (critic, alpha)
+    env = load_example("masked_control").make_env("cartpole", 2, 0, 0.1)
+    _, critic, _ = ppo.make_agent(ppo.parse_args(["--env", "cartpole", "--core", "mop"]), env)
+    assert any(isinstance(m, LSTMModule) for m in critic.modules())
     args = ppo.parse_args(["--env", "cartpole", "--critic_core", "mop", "--alpha", "0"])
     assert (args.critic_core, args.alpha) == ("mop", 0.0)
 
