@@ -132,8 +132,9 @@ class FeatureScale(nn.Module):
     hidden state has a norm of about 0.8; the heads were tuned for the latter (the Zoo's LSTM).
     gSDE's noise grows with the latent's norm (median initial action std 3.46 for MoP against
     0.64 for the GRU at the Zoo's ``log_std_init``; 0.50 scaled), and every Adam step moves a
-    head's output in proportion to its input. ``1/sqrt(D)`` gives MoP's features unit norm: masked Pendulum then
-    reaches −250 in 0.96x the GRU's frames (mean of 3 seeds; 1.28x unscaled)."""
+    head's output in proportion to its input. ``1/sqrt(D)`` gives MoP's features unit norm:
+    masked Pendulum then reaches −250 in 0.96x the GRU's frames (mean of 3 seeds; 1.28x
+    unscaled)."""
 
     def __init__(self, factor: float) -> None:
         super().__init__()
