@@ -92,7 +92,8 @@ def test_recurrent_recipe_smoke(example, core, tmp_path):
         torch.testing.assert_close(stored[:, 1:][carried], written[:, :-1][carried])
         assert written.abs().sum() > 0, f"{key} stays zero: recurrence is dead"
     if core == "mop":  # routing per block: one weight per expert ("0,16,32"), summing to 1
-        assert [len(w) for w in result["routing"]] == [3, 3, 3]
+        blocks = 1 if example == "recurrent_ppo_cartpole" else 3  # the recipes' default layers
+        assert [len(w) for w in result["routing"]] == [3] * blocks
         assert all(abs(sum(w) - 1) < 1e-5 for w in result["routing"])
 
 
@@ -109,12 +110,13 @@ def test_ppo_recipe_is_reproducible_given_its_seed():
 
 def test_mop_layers_flag_sets_every_recipe_core():
     """``--mop_layers`` reaches each MoP core of both recipes (the actor's and the critic's in
-    PPO); without it the cores keep the paper preset's three blocks."""
+    PPO); without it the cores keep their recipe's default, the paper preset's three blocks
+    (PPO on Pendulum, the DQN; PPO's one-block CartPole default is tested with its others)."""
     ppo, dqn = load_example("recurrent_ppo"), load_example("recurrent_dqn")
     env = load_example("masked_control").make_env("cartpole", 2, 0, 0.1)
     for layers, expected in ((None, [[0, 16, 32]] * 3), ("0,32,64", [[0, 32, 64]])):
         flags = [] if layers is None else ["--mop_layers", layers]
-        args = ppo.parse_args(["--core", "mop", "--env", "cartpole", *flags])
+        args = ppo.parse_args(["--core", "mop", "--env", "pendulum", *flags])
         _, _, cores = ppo.make_actor_critic("mop", env, 64, 0.0, args.mop_layers)
         args = dqn.parse_args(["--core", "mop", *flags])
         cores.append(dqn.make_qnet("mop", 2, 2, 64, None, args.mop_layers)[0])
@@ -153,10 +155,11 @@ def test_return_scaling_divides_rewards_by_the_returns_running_std():
         assert type(scaling).__name__ == "ReturnScaling" and scaling.gamma == task_gamma
 
 
-def test_ppo_defaults_pick_the_critic_and_alpha():
+def test_ppo_defaults_pick_the_critic_alpha_and_layers():
     """The measured defaults: a MoP actor's critic is the Zoo's LSTM on both tasks, a GRU or
     LSTM actor's is of its own kind; α is 3e-2 on CartPole and ``DEFAULT_RL_ALPHA`` on
-    Pendulum; flags win."""
+    Pendulum; the MoP core is one block on CartPole and the paper preset on Pendulum; flags
+    win."""
     from mop_torchrl.core.config import DEFAULT_RL_ALPHA
 
     ppo = load_example("recurrent_ppo")
@@ -165,10 +168,15 @@ def test_ppo_defaults_pick_the_critic_and_alpha():
             args = ppo.parse_args(["--env", task, "--core", core])
             assert (args.critic_core, args.alpha) == (critic, alpha)
     env = load_example("masked_control").make_env("cartpole", 2, 0, 0.1)
-    _, critic, _ = ppo.make_agent(ppo.parse_args(["--env", "cartpole", "--core", "mop"]), env)
+    _, critic, cores = ppo.make_agent(ppo.parse_args(["--env", "cartpole", "--core", "mop"]), env)
     assert any(isinstance(m, LSTMModule) for m in critic.modules())
-    args = ppo.parse_args(["--env", "cartpole", "--critic_core", "mop", "--alpha", "0"])
-    assert (args.critic_core, args.alpha) == ("mop", 0.0)
+    assert len(cores[0].core.blocks) == 1
+    args = ppo.parse_args(["--env", "pendulum", "--core", "mop"])
+    assert args.mop_layers == "0,16,32;0,16,32;0,16,32"
+    args = ppo.parse_args(
+        ["--env", "cartpole", "--critic_core", "mop", "--alpha", "0", "--mop_layers", "0,16"]
+    )
+    assert (args.critic_core, args.alpha, args.mop_layers) == ("mop", 0.0, "0,16")
 
 
 def test_dqn_n_step_targets_cut_at_episode_ends():
@@ -289,7 +297,7 @@ def test_ppo_mop_policy_with_a_gru_critic():
     torch.testing.assert_close(stored[:, 1:][carried], written[:, :-1][carried])
     assert written.abs().sum() > 0
     assert all(math.isfinite(x) for x in result["losses"])
-    assert [len(w) for w in result["routing"]] == [3, 3, 3]
+    assert [len(w) for w in result["routing"]] == [3]  # CartPole's one block, "0,32,64"
 
 
 def test_gsde_actor_explores_smoothly_and_replays_its_log_probs():
