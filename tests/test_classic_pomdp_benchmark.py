@@ -31,10 +31,11 @@ def test_actor_and_critic_cores_run_and_are_summarised_apart(bench, tmp_path):
     bench.run_all(tmp_path, ["cartpole"], [0], {"cartpole": 512}, cores=("mop+gru",))
     record = json.loads((tmp_path / "cartpole_mop_critic_gru_s0.json").read_text())
     assert (record["core"], record["critic_core"], record["frames"]) == ("mop", "gru", 512)
+    assert record["mop_layers"] == "0,32,64"  # the recipe's one-block CartPole default
     assert record["process_cpu_s"] > 0
     summary = bench.summarise(tmp_path)
     assert list(summary) == ["cartpole/mop+gru"]
-    assert [len(w) for w in summary["cartpole/mop+gru"]["routing"][0]] == [3, 3, 3]
+    assert [len(w) for w in summary["cartpole/mop+gru"]["routing"][0]] == [3]
     assert "| cartpole | mop + gru critic |" in bench.table(summary)
     # a finished run is not run again
     assert bench.pending_runs(tmp_path, ["cartpole"], [0], 1, ("mop+gru", "gru")) == [
