@@ -89,7 +89,8 @@ from masked_control import (  # beside this script
 # ``DEFAULT_RL_ALPHA`` on Pendulum; its core is one block on CartPole (``0,32,64``: the GRU's
 # frames to 475 and about its CPU per frame, where the paper preset's three blocks cost ~1.5x)
 # and the paper preset on Pendulum (over 10 seeds one block reached -250 on 9 in 1.15x the
-# GRU's median frames, the paper preset on all 10 in 0.98x). The critic's core is not per task: see ``MOP_CRITIC``.
+# GRU's median frames, the paper preset on all 10 in 0.98x). The critic's core is not per
+# task: see ``MOP_CRITIC``.
 DEFAULTS = {
     "pendulum": {
         "frames": 151_552,
