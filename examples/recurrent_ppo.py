@@ -491,10 +491,13 @@ def make_collector(
     )
 
 
-def ppo_update(batch: TensorDictBase, learner: Learner, args: argparse.Namespace) -> list[float]:
+def ppo_update(
+    batch: TensorDictBase, learner: Learner, args: argparse.Namespace
+) -> tuple[list[float], list[float]]:
     """GAE over the collected ``[env, time]`` batch, then ``--epochs`` passes over
     ``--minibatches`` groups of sequences (whole per-env sequences, or ``--chunk_steps``-step
-    chunks of them); returns each step's loss."""
+    chunks of them); returns each step's loss and ``kl_approx`` (the mean of ``log π_old -
+    log π``, ClipPPOLoss's diagnostic of how far the policy has moved from the collection's)."""
     del batch["state_value"]  # the collection's value; GAE recomputes it for both steps
     with torch.no_grad(), set_recurrent_mode(True):
         learner.advantage(batch)
@@ -503,7 +506,7 @@ def ppo_update(batch: TensorDictBase, learner: Learner, args: argparse.Namespace
         # stored at its first step (recurrent mode reads them there), as sb3-contrib's do.
         envs, steps = batch.shape
         batch = batch.reshape(envs * (steps // args.chunk_steps), args.chunk_steps)
-    losses = []
+    losses, kls = [], []
     for _ in range(args.epochs):
         for rows in torch.randperm(batch.shape[0]).chunk(args.minibatches):
             learner.costs.clear()
@@ -517,12 +520,14 @@ def ppo_update(batch: TensorDictBase, learner: Learner, args: argparse.Namespace
             nn.utils.clip_grad_norm_(learner.loss_fn.parameters(), 0.5)
             learner.optimizer.step()
             losses.append(loss.item())
-    return losses
+            kls.append(out["kl_approx"].item())
+    return losses, kls
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
-    """Trains and returns the curve (per finished episode: frames so far, return), the losses,
-    the MoP routing of the last batches and the last collected batch."""
+    """Trains and returns the curve (per finished episode: frames so far, return), the losses
+    and ``kl_approx`` per gradient step, the MoP routing of the last batches and the last
+    collected batch."""
     args = parse_args(argv)
     configure_torch(args.seed)
     env = make_recipe_env(args)
@@ -531,7 +536,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     collector = make_collector(env, actor, critic, args)
     frames_per_batch = args.num_envs * args.steps_per_batch
 
-    curve, losses, routing = [], [], []
+    curve, losses, kls, routing = [], [], [], []
     frames, start, reached = 0, time.perf_counter(), False
     for batch in collector:  # [env, time]
         if args.max_wall_s is not None and time.perf_counter() - start > args.max_wall_s:
@@ -548,7 +553,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
                 group["lr"] = args.lr * remaining
         if args.anneal_clip:
             learner.loss_fn.clip_epsilon.fill_(0.2 * remaining)
-        losses += ppo_update(batch, learner, args)
+        step_losses, step_kls = ppo_update(batch, learner, args)
+        losses += step_losses
+        kls += step_kls
         recent = [r for _, r in curve[-20:]]
         reached = reached_return(curve, args.stop_return, args.stop_window)
         print(
@@ -580,6 +587,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         "curve": curve,
         "final_eval": final_eval.tolist(),
         "losses": losses,
+        "kl_approx": kls,
         "routing": [torch.stack(block).mean(0).tolist() for block in zip(*routing[-5:])],
     }
     if args.out:

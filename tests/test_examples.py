@@ -74,6 +74,13 @@ def test_recurrent_recipe_smoke(example, core, tmp_path):
     result = load_example(script).main([*SMOKE[example], "--core", core, "--out", str(out)])
     assert result["losses"] and all(math.isfinite(x) for x in result["losses"])
     assert json.loads(out.read_text())["curve"] == [list(c) for c in result["curve"]]
+    if script == "recurrent_ppo":
+        # The loss's recurrent replay gives the collection's log-probabilities: at each batch's
+        # first gradient step (of 1 epoch x 2 minibatches) the policy has not moved, so
+        # ``kl_approx`` is 0 up to float error.
+        kls = result["kl_approx"]
+        assert len(kls) == len(result["losses"])
+        assert max(abs(k) for k in kls[::2]) < 1e-4, kls
     # the hidden state propagates: the state stored at t+1 is the ("next", state) written at t
     # (within an episode), zero at episode starts, and not zero everywhere (recurrence alive)
     batch = result["last_batch"]  # [env, time]
