@@ -102,6 +102,7 @@ DEFAULTS = {
         "lr": 1e-3,
         "anneal_lr": False,
         "anneal_clip": False,
+        "normalize_advantage": True,
         "gsde_freq": 4,
         "gamma": 0.9,
         "lmbda": 0.95,
@@ -117,6 +118,7 @@ DEFAULTS = {
         "lr": 1e-3,
         "anneal_lr": True,
         "anneal_clip": True,
+        "normalize_advantage": True,
         "gsde_freq": 0,
         "gamma": 0.98,
         "lmbda": 0.8,
@@ -350,6 +352,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="clip range linearly to 0",
     )
     parser.add_argument(
+        "--normalize_advantage",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="divide each minibatch's advantages by their std (SB3's default)",
+    )
+    parser.add_argument(
         "--return_norm",
         action=argparse.BooleanOptionalAction,
         default=True,
@@ -459,7 +467,7 @@ def make_learner(
         entropy_coeff=0.0,
         critic_coeff=0.5,
         loss_critic_type="l2",
-        normalize_advantage=True,
+        normalize_advantage=args.normalize_advantage,
         functional=False,
     )
     optimizer = torch.optim.Adam(loss_fn.parameters(), lr=args.lr, eps=1e-5, fused=True)

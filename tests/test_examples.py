@@ -165,8 +165,8 @@ def test_return_scaling_divides_rewards_by_the_returns_running_std():
 def test_ppo_defaults_pick_the_critic_alpha_and_layers():
     """The measured defaults: a MoP actor's critic is the Zoo's LSTM on both tasks, a GRU or
     LSTM actor's is of its own kind; α is 3e-2 on CartPole and ``DEFAULT_RL_ALPHA`` on
-    Pendulum; the MoP core is one block on CartPole and the paper preset on Pendulum; flags
-    win."""
+    Pendulum; the MoP core is one block on CartPole and the paper preset on Pendulum;
+    advantages are normalised (SB3's default); flags win, down to the loss."""
     from mop_torchrl.core.config import DEFAULT_RL_ALPHA
 
     ppo = load_example("recurrent_ppo")
@@ -174,10 +174,15 @@ def test_ppo_defaults_pick_the_critic_alpha_and_layers():
         for core, critic in (("mop", "lstm"), ("gru", "gru"), ("lstm", "lstm")):
             args = ppo.parse_args(["--env", task, "--core", core])
             assert (args.critic_core, args.alpha) == (critic, alpha)
+            assert args.normalize_advantage is True
     env = load_example("masked_control").make_env("cartpole", 2, 0, 0.1)
-    _, critic, cores = ppo.make_agent(ppo.parse_args(["--env", "cartpole", "--core", "mop"]), env)
+    args = ppo.parse_args(["--env", "cartpole", "--core", "mop"])
+    actor, critic, cores = ppo.make_agent(args, env)
     assert any(isinstance(m, LSTMModule) for m in critic.modules())
     assert len(cores[0].core.blocks) == 1
+    assert ppo.make_learner(actor, critic, cores, args).loss_fn.normalize_advantage
+    args.normalize_advantage = ppo.parse_args(["--no-normalize_advantage"]).normalize_advantage
+    assert not ppo.make_learner(actor, critic, cores, args).loss_fn.normalize_advantage
     args = ppo.parse_args(["--env", "pendulum", "--core", "mop"])
     assert args.mop_layers == "0,16,32;0,16,32;0,16,32"
     args = ppo.parse_args(
