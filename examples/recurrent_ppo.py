@@ -105,7 +105,6 @@ DEFAULTS = {
         "lr": 1e-3,
         "anneal_lr": False,
         "anneal_clip": False,
-        "normalize_advantage": True,
         "gsde_freq": 4,
         "gamma": 0.9,
         "lmbda": 0.95,
@@ -121,7 +120,6 @@ DEFAULTS = {
         "lr": 1e-3,
         "anneal_lr": True,
         "anneal_clip": True,
-        "normalize_advantage": True,
         "gsde_freq": 0,
         "gamma": 0.99,
         "lmbda": 0.8,
@@ -357,7 +355,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--normalize_advantage",
         action=argparse.BooleanOptionalAction,
-        default=None,
+        default=True,
         help="divide each minibatch's advantages by their std (SB3's default)",
     )
     parser.add_argument(
