@@ -35,9 +35,6 @@ mkdir -p "$OUT"
 LOG="$OUT/run.log"
 BUDGET_S=${BUDGET_S:-470}
 STAGES=${STAGES:-tests,step,step_compiled,sequence,collector,step_tf32,collector_compiled}
-export PYTHONUNBUFFERED=1 PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
-if [ -x "$ROOT/.venv/bin/python" ]; then PY="$ROOT/.venv/bin/python"; else PY=python3; fi
-
 log() { echo "[$(date +%T) +${SECONDS}s] $*" | tee -a "$LOG"; }
 
 # stage NAME MAX_SECONDS COMMAND...: runs COMMAND under the smaller of MAX_SECONDS and what is
@@ -58,20 +55,9 @@ stage() {
     log "END $name: exit $rc$([ "$rc" = 124 ] && echo ' (timed out)')"
 }
 
+source "$ROOT/benchmarks/device_deps.sh" || exit 3
 log "gpu_issue22: device=$DEVICE quick=$QUICK out=$OUT python=$PY"
 
-# Dependencies: install the carried wheels where the imports fail (the device machine).
-if ! "$PY" -c "import torchrl, tensordict, minigrid" 2>/dev/null; then
-    if ls "$ROOT"/.whl/*.whl >/dev/null 2>&1; then
-        log "installing $(ls "$ROOT"/.whl/*.whl | wc -l) carried wheels into /tmp/site"
-        "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-            --target /tmp/site "$ROOT"/.whl/*.whl 2>&1 | tail -3 | tee -a "$LOG"
-        export PYTHONPATH="$PYTHONPATH:/tmp/site"
-    else
-        log "torchrl/tensordict/minigrid missing and no .whl/ carried: run benchmarks/gpu_wheels.sh here and carry .whl"
-        exit 3
-    fi
-fi
 "$PY" - <<'EOF' 2>&1 | tee -a "$LOG"
 import platform, torch, torchrl, tensordict, mop_torchrl
 print("python", platform.python_version(), "torch", torch.__version__, "cuda", torch.version.cuda,
