@@ -13,8 +13,8 @@ observations normalised by ``VecNorm``, rewards divided by a running std of the 
 return (``ReturnScaling``, the Zoo's ``VecNormalize``); an actor ``core →
 Linear(64)+ReLU → head`` (categorical logits on CartPole; on Pendulum a Normal with gSDE
 exploration, :class:`StateDependentNoise`) and a critic with **its own** core
-(``enable_critic_lstm``: of the actor's kind, and for a MoP actor the Zoo's LSTM,
-``MOP_CRITIC``); TorchRL's ``ClipPPOLoss`` (value loss 0.5·MSE, gradient norm
+(``enable_critic_lstm``: of the actor's kind; for a MoP actor a GRU on CartPole and the Zoo's
+LSTM on Pendulum, ``MOP_CRITIC``); TorchRL's ``ClipPPOLoss`` (value loss 0.5·MSE, gradient norm
 0.5) on whole per-env sequences or, on Pendulum, 128-step chunks of them, each replayed from
 the states stored at its first step (it enters recurrent mode by itself), with advantages from
 ``GAE``, which does not: it runs inside ``set_recurrent_mode(True)``. Each task has its own
@@ -84,7 +84,7 @@ from masked_control import (  # beside this script
 # to 0 (over --frames), and gamma 0.99 where the Zoo has 0.98: with 0.98 the GRU and the LSTM fell
 # on 3 runs of 20 into policies whose episodes end near step 200 (0.98^100 = 0.13: a failure that
 # far ahead barely moves the values), and each missed the rolling 475 on 2 seeds of 10; with 0.99
-# both reached it on all 10, by 114k frames (MoP: 7 of 10, 1.27x the GRU's median). PendulumNoVel: 4
+# both reached it on all of seeds 0-9, by 114k frames (the GRU on 7 of seeds 10-19). PendulumNoVel: 4
 # envs x 1024 steps, 10 epochs of minibatches of 128 steps (sb3-contrib's default batch_size: here
 # 32 chunks of 128 steps, one per minibatch), gamma 0.9, lambda 0.95, lr 1e-3 and clip 0.2 constant,
 # gSDE redrawn every 4 steps. Both normalise observations and rewards (``--return_norm``). Chosen by
@@ -92,8 +92,8 @@ from masked_control import (  # beside this script
 # package's ``DEFAULT_RL_ALPHA`` on Pendulum; its core is one block on CartPole (``0,32,64``: about
 # the GRU's CPU per frame, where the paper preset's three blocks cost ~1.5x; at gamma 0.98 as fast
 # to 475 as the paper preset) and the paper preset on Pendulum (over 10 seeds one block reached -250
-# on 9 in 1.15x the GRU's median frames, the paper preset on all 10 in 0.98x). The critic's core is
-# not per task: see ``MOP_CRITIC``.
+# on 9 in 1.15x the GRU's median frames, the paper preset on all 10 in 0.98x). A MoP actor's
+# critic: ``MOP_CRITIC``.
 DEFAULTS = {
     "pendulum": {
         "frames": 151_552,
@@ -128,12 +128,15 @@ DEFAULTS = {
     },
 }
 
-# A MoP actor's critic: the Zoo's LSTM (``enable_critic_lstm``). A MoP value function learns
-# masked CartPole slowly (0 of 3 seeds at 475 with MoP in both roles, 7 of 10 beside an LSTM);
-# on Pendulum the LSTM critic reaches -250 in the MoP critic's frames (mean of 5 seeds) for less
-# CPU. A GRU or LSTM actor keeps a critic of its own kind (an LSTM critic slowed the GRU on
-# Pendulum, 1.16x its frames, and left it level on CartPole).
-MOP_CRITIC = "lstm"
+# A MoP actor's critic, per task. CartPole: a GRU, as the GRU baseline's own. At gamma 0.99 a MoP
+# policy with it reached a rolling 475 on 8 of seeds 0-9 in a median 1.04x the GRU's frames,
+# where the Zoo's LSTM critic gave 7 of 10 at 1.27x; over seeds 0-19, 17 of 20 as the GRU, at
+# 1.15x its median (a MoP value function learns CartPole slowly: 0 of 3 seeds with MoP in both
+# roles). Pendulum: the Zoo's LSTM (``enable_critic_lstm``), -250 in the MoP critic's frames
+# (mean of 5 seeds) for less CPU, where a GRU critic took 1.17x the GRU's frames. A GRU or LSTM
+# actor keeps a critic of its own kind (an LSTM critic slowed the GRU on Pendulum, 1.16x its
+# frames, and left it level on CartPole).
+MOP_CRITIC = {"cartpole": "gru", "pendulum": "lstm"}
 
 
 class FeatureScale(nn.Module):
@@ -425,7 +428,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         if getattr(args, name) is None:
             setattr(args, name, value)
     if args.critic_core is None:
-        args.critic_core = MOP_CRITIC if args.core == "mop" else args.core
+        args.critic_core = MOP_CRITIC[args.env] if args.core == "mop" else args.core
     if not 0 < args.feature_scale < float("inf"):
         parser.error(f"--feature_scale must be positive and finite, got {args.feature_scale}")
     if args.gsde_freq < 0:

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from torchrl.envs.utils import ExplorationType, set_exploration_type
-from torchrl.modules import LSTMModule, set_recurrent_mode
+from torchrl.modules import GRUModule, LSTMModule, set_recurrent_mode
 
 EXAMPLES = Path(__file__).parent.parent / "examples"
 
@@ -163,28 +163,35 @@ def test_return_scaling_divides_rewards_by_the_returns_running_std():
 
 
 def test_ppo_defaults_pick_the_critic_alpha_and_layers():
-    """The measured defaults: a MoP actor's critic is the Zoo's LSTM on both tasks, a GRU or
-    LSTM actor's is of its own kind; α is 3e-2 on CartPole and ``DEFAULT_RL_ALPHA`` on
+    """The measured defaults: a MoP actor's critic is a GRU on CartPole and the Zoo's LSTM on
+    Pendulum, a GRU or LSTM actor's is of its own kind; α is 3e-2 on CartPole and ``DEFAULT_RL_ALPHA`` on
     Pendulum; the MoP core is one block on CartPole and the paper preset on Pendulum;
     advantages are normalised (SB3's default); flags win, down to the loss."""
     from mop_torchrl.core.config import DEFAULT_RL_ALPHA
 
     ppo = load_example("recurrent_ppo")
-    for task, alpha in (("cartpole", 3e-2), ("pendulum", DEFAULT_RL_ALPHA)):
-        for core, critic in (("mop", "lstm"), ("gru", "gru"), ("lstm", "lstm")):
+    for task, alpha, mop_critic in (
+        ("cartpole", 3e-2, "gru"),
+        ("pendulum", DEFAULT_RL_ALPHA, "lstm"),
+    ):
+        for core, critic in (("mop", mop_critic), ("gru", "gru"), ("lstm", "lstm")):
             args = ppo.parse_args(["--env", task, "--core", core])
             assert (args.critic_core, args.alpha) == (critic, alpha)
             assert args.normalize_advantage is True
     env = load_example("masked_control").make_env("cartpole", 2, 0, 0.1)
     args = ppo.parse_args(["--env", "cartpole", "--core", "mop"])
     actor, critic, cores = ppo.make_agent(args, env)
-    assert any(isinstance(m, LSTMModule) for m in critic.modules())
+    assert any(isinstance(m, GRUModule) for m in critic.modules())
     assert len(cores[0].core.blocks) == 1
     assert ppo.make_learner(actor, critic, cores, args).loss_fn.normalize_advantage
     args.normalize_advantage = ppo.parse_args(["--no-normalize_advantage"]).normalize_advantage
     assert not ppo.make_learner(actor, critic, cores, args).loss_fn.normalize_advantage
     args = ppo.parse_args(["--env", "pendulum", "--core", "mop"])
     assert args.mop_layers == "0,16,32;0,16,32;0,16,32"
+    _, critic, _ = ppo.make_agent(
+        args, load_example("masked_control").make_env("pendulum", 2, 0, 0.1)
+    )
+    assert any(isinstance(m, LSTMModule) for m in critic.modules())
     args = ppo.parse_args(
         ["--env", "cartpole", "--critic_core", "mop", "--alpha", "0", "--mop_layers", "0,16"]
     )
