@@ -164,9 +164,9 @@ def test_return_scaling_divides_rewards_by_the_returns_running_std():
 
 def test_ppo_defaults_pick_the_critic_alpha_and_layers():
     """The measured defaults: a MoP actor's critic is a GRU on CartPole and the Zoo's LSTM on
-    Pendulum, a GRU or LSTM actor's is of its own kind; α is 3e-2 on CartPole and ``DEFAULT_RL_ALPHA`` on
-    Pendulum; the MoP core is one block on CartPole and the paper preset on Pendulum;
-    advantages are normalised (SB3's default); flags win, down to the loss."""
+    Pendulum, a GRU or LSTM actor's is of its own kind; α is 3e-2 on CartPole and
+    ``DEFAULT_RL_ALPHA`` on Pendulum; the MoP core is one block on CartPole and the paper preset
+    on Pendulum; advantages are normalised (SB3's default); flags win, down to the loss."""
     from mop_torchrl.core.config import DEFAULT_RL_ALPHA
 
     ppo = load_example("recurrent_ppo")
