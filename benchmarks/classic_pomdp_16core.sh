@@ -5,7 +5,8 @@
 # run's start to the table and the figure.
 #
 #   On the device machine (carry .whl, see device_deps.sh):  bash benchmarks/classic_pomdp_16core.sh
-#   Here, to check it end to end in a minute:  JOBS=2 FRAMES=1024 bash benchmarks/classic_pomdp_16core.sh
+#   Here, end to end in about 2.5 min on 2 cores:
+#       JOBS=2 FRAMES=1024 bash benchmarks/classic_pomdp_16core.sh
 #
 # BUDGET_S (default 540) bounds the benchmark (classic_pomdp.py's --budget_s: runs still going
 # then stop and save their curves), so the device's 10-minute command limit leaves the results.
