@@ -127,6 +127,16 @@ def gru_scan(
     return _GRUScan.apply(gi, stored, starts, w_hh, b_hh)[0]
 
 
+def _reset_steps(reset: torch.Tensor) -> list[bool]:
+    """Per step of a time-major ``reset [L, S, 1]``, whether any row resets there. Read on the
+    host only on a CPU in eager mode (free there), so the scan can skip the reset ``where``
+    (and its views) on the other steps; elsewhere (a device sync, a graph break) every step
+    counts."""
+    if reset.device.type != "cpu" or functorch_active() or torch.compiler.is_compiling():
+        return [True] * reset.shape[0]
+    return reset.flatten(1).any(1).tolist()
+
+
 class _GRUScan(torch.autograd.Function):
     """One GRU over time with resets, with input gates precomputed for all steps.
 
@@ -144,7 +154,6 @@ class _GRUScan(torch.autograd.Function):
         gi, stored = gi.transpose(0, 1), stored.transpose(0, 1)  # time-major views
         reset = starts.transpose(0, 1).unsqueeze(-1)
         steps, batch = reset.shape[:2]
-        h_in = gi.new_empty(steps, batch, size)
         gh = gi.new_empty(steps, batch, 3 * size)
         rz = gi.new_empty(steps, batch, 2 * size)
         n = gi.new_empty(steps, batch, size)
@@ -153,28 +162,20 @@ class _GRUScan(torch.autograd.Function):
         gi_rz, gi_n = gi.split([2 * size, size], -1)
         gh_rz, gh_n = gh.split([2 * size, size], -1)
         r, z = rz.split(size, -1)
-        per_step = (reset, stored, h_in, gh, gi_rz, gh_rz, rz, gi_n, r, gh_n, n, z, out)
+        per_step = (gh, gi_rz, gh_rz, rz, gi_n, r, gh_n, n, z, out)
+        resets = _reset_steps(reset)
         w_hh_t, h = w_hh.t(), stored[0]
-        for (
-            reset_t,
-            stored_t,
-            h_in_t,
-            gh_t,
-            gi_rz_t,
-            gh_rz_t,
-            rz_t,
-            gi_n_t,
-            r_t,
-            gh_n_t,
-            n_t,
-            z_t,
-            out_t,
-        ) in zip(*(v.unbind(0) for v in per_step)):
-            h = torch.where(reset_t, stored_t, h, out=h_in_t)
+        for t, (gh_t, gi_rz_t, gh_rz_t, rz_t, gi_n_t, r_t, gh_n_t, n_t, z_t, out_t) in enumerate(
+            zip(*(v.unbind(0) for v in per_step))
+        ):
+            if resets[t]:
+                h = torch.where(reset[t], stored[t], h)
             torch.addmm(b_hh, h, w_hh_t, out=gh_t)
             torch.add(gi_rz_t, gh_rz_t, out=rz_t).sigmoid_()
             torch.addcmul(gi_n_t, r_t, gh_n_t, out=n_t).tanh_()
             h = torch.lerp(n_t, h, z_t, out=out_t)  # n + z (h_in - n)
+        # The state entering each step, for the backward: two ops for all steps.
+        h_in = torch.where(reset, stored, torch.cat([stored[:1], out[:-1]]))
         # The intermediates are outputs (setup_context style, which torch.func needs).
         return out.transpose(0, 1), h_in, gh_n, rz, n
 
@@ -210,12 +211,19 @@ class _GRUScan(torch.autograd.Function):
         # carries[t]: the gradient reaching h_in at t (from h_t's gates and the direct path).
         carries = grad_out.new_empty(steps, batch, size)
         d_gh, direct = products.view(steps, batch, 4 * size).split([3 * size, size], -1)
-        per_step = (grad_out, keep_next, dh, coef, products, d_gh, direct, carries)
+        per_step = (grad_out, dh, dh.unsqueeze(-2), coef, products, d_gh, direct, carries)
         per_step = [v.unbind(0)[::-1] for v in per_step]
+        # Only steps followed by a reset (and the last) stop the carry; elsewhere it is added.
+        stops = [*_reset_steps(reset[1:]), True]
         carry = torch.zeros_like(grad_out[0])  # the gradient reaching h_in at t+1
-        for grad_t, keep_t, dh_t, coef_t, products_t, d_gh_t, direct_t, carry_t in zip(*per_step):
-            torch.addcmul(grad_t, carry, keep_t, out=dh_t)
-            torch.mul(dh_t.unsqueeze(-2), coef_t, out=products_t)
+        for t, (grad_t, dh_t, dh_row_t, coef_t, products_t, d_gh_t, direct_t, carry_t) in zip(
+            range(steps - 1, -1, -1), zip(*per_step)
+        ):
+            if stops[t]:
+                torch.addcmul(grad_t, carry, keep_next[t], out=dh_t)
+            else:
+                torch.add(grad_t, carry, out=dh_t)
+            torch.mul(dh_row_t, coef_t, out=products_t)
             carry = torch.addmm(direct_t, d_gh_t, w_hh, out=carry_t)
         flat, h_flat = d_gh.reshape(-1, 3 * size), h_in.reshape(-1, size)
         if ctx.grad_dtype is None:
