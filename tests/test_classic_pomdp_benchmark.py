@@ -41,3 +41,18 @@ def test_actor_and_critic_cores_run_and_are_summarised_apart(bench, tmp_path):
     assert bench.pending_runs(tmp_path, ["cartpole"], [0], 1, ("mop+gru", "gru")) == [
         bench.Run("cartpole", "gru", 0)
     ]
+
+
+def test_runs_in_parallel_start_longest_first(bench, tmp_path):
+    """With several processes the default table's Pendulum runs start first (MoP first), then
+    CartPole's: on 16 processes for 18 runs the two that wait are CartPole baselines, where
+    seed by seed they were Pendulum ones; one process keeps the seed-by-seed order."""
+    runs = bench.pending_runs(tmp_path, ["cartpole", "pendulum"], [0, 1, 2], 16)
+    assert [(r.task, r.core) for r in runs[:3]] == [("pendulum", "mop")] * 3
+    assert {r.task for r in runs[:9]} == {"pendulum"}
+    assert [(r.task, r.core, r.seed) for r in runs[-2:]] == [
+        ("cartpole", "gru", 2),
+        ("cartpole", "lstm", 2),
+    ]
+    serial = bench.pending_runs(tmp_path, ["cartpole", "pendulum"], [0, 1], 1)
+    assert [(r.task, r.seed) for r in serial[:4]] == [("cartpole", 0)] * 3 + [("pendulum", 0)]
