@@ -47,6 +47,10 @@ wait_and_copy() {
 }
 case "$PHASE" in
     start)
+        if kill -0 "$(cat "$STATE/pid" 2>/dev/null)" 2>/dev/null; then
+            echo "a table is already running in $STATE: PHASE=collect" >&2
+            exit 2
+        fi
         rm -rf "$STATE" && mkdir -p "$STATE"
         PHASE=all OUT="$STATE" BUDGET_S="${BUDGET_S:-720}" \
             setsid bash "$0" >"$STATE/detached.log" 2>&1 </dev/null &
