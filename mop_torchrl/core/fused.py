@@ -15,6 +15,9 @@ Why the code looks like this (measured on a 2-core CPU, seed preset, side by sid
   on ``[64, 32]``, segments padded to the longest one hold 2.5x the real rows, and the scan's
   forward+backward was ~2x faster than ``torch.gru`` on them. No data-dependent shapes, so no
   host-device sync either. (On a GPU the per-step loop should be launch-bound; not measured.)
+  On a CPU in eager mode the steps without a reset are read on the host and skip the ``where``
+  and its views: at PPO's ``[1, 128, 64]`` chunks forward+backward took 0.87-0.91x the time,
+  with bitwise the same results.
 * **functorch**: the scan is an ``autograd.Function`` in the ``setup_context`` style with its
   own ``vmap`` rule, so ``torch.vmap`` (TorchRL's value estimators, ensembles) runs it.
 """
