@@ -14,7 +14,7 @@
 # table, the wall time), runs.tgz (every run's JSON and log), summary.json, classic_pomdp.png.
 #
 # A table longer than one command (the 16-core host's cores took 1.4-1.7x this 2-core EPYC's
-# CPU per frame: the Pendulum runs need 8-11 min there) in two calls, the second within the
+# CPU per frame: MoP's Pendulum runs need 9-11 min there) in two calls, the second within the
 # machine's 30 s of warmth:
 #   PHASE=start bash benchmarks/classic_pomdp_16core.sh    # starts it (BUDGET_S default 720)
 #   PHASE=collect bash benchmarks/classic_pomdp_16core.sh  # waits for it, returns the results
