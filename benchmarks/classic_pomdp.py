@@ -37,6 +37,10 @@ from typing import Any
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
+# The examples' own rolling mean: the table counts frames to target the way the runs stop.
+sys.path.insert(0, str(ROOT / "examples"))
+from masked_control import frames_to_return, rolling_returns  # noqa: E402
+
 CORES = ("mop", "gru", "lstm")
 # What --cores takes: an actor's kind (the recipe's default critic), or the actor's and the
 # critic's (PPO only; ``mop+mop`` overrides a MoP actor's default LSTM critic).
@@ -184,16 +188,6 @@ def run_all(
         finish(run, out, status, usage, time.perf_counter() - started)
 
 
-def rolling(curve: list, window: int) -> tuple[np.ndarray, np.ndarray]:
-    """Frames at each finished episode and the mean return of the last ``window`` episodes."""
-    frames = np.array([f for f, _ in curve], dtype=float)
-    returns = np.array([r for _, r in curve], dtype=float)
-    cumsum = np.concatenate([[0.0], np.cumsum(returns)])
-    idx = np.arange(1, len(returns) + 1)
-    lo = np.maximum(idx - window, 0)
-    return frames, (cumsum[idx] - cumsum[lo]) / (idx - lo)
-
-
 def core_label(core: str, critic: str | None) -> str:
     """How the table and the figure name a ``--cores`` entry: the actor, and the critic where
     it is another kind (``gru + lstm critic``)."""
@@ -217,10 +211,9 @@ def summarise(out: Path) -> dict:
                 continue
             finals, reach = [], []
             for run in runs:
-                frames, mean = rolling(run["curve"], window)
+                _, mean = rolling_returns(run["curve"], window)
                 finals.append(float(mean[-1]) if len(mean) else float("nan"))
-                hit = np.nonzero((mean >= target) & (np.arange(len(mean)) + 1 >= window))[0]
-                reach.append(float(frames[hit[0]]) if len(hit) else None)
+                reach.append(frames_to_return(run["curve"], target, window))
             summary[f"{task}/{core}"] = {
                 "task": task,
                 "core": core,
@@ -290,7 +283,7 @@ def plot(out: Path, figure: Path) -> None:
             ]  # a cut-short run may have no episode
             if not runs:
                 continue
-            rolled = [rolling(run["curve"], window) for run in runs]
+            rolled = [rolling_returns(run["curve"], window) for run in runs]
             start = max(frames[0] for frames, _ in rolled)  # every seed has an episode
             # to the longest run: a seed that stopped (at its target) holds its last value
             grid = np.linspace(start, max(r["frames"] for r in runs), 100)

@@ -10,6 +10,7 @@ them from memory. The core (``mop | gru | lstm``) is the one thing a recipe's ru
 from __future__ import annotations
 
 import gymnasium as gym
+import numpy as np
 import torch
 from tensordict import TensorDictBase
 from torch import nn
@@ -201,10 +202,32 @@ def finished_episodes(batch: TensorDictBase, frames: int) -> list[tuple[int, flo
     ]
 
 
+def rolling_returns(curve: list[tuple[int, float]], window: int) -> tuple[np.ndarray, np.ndarray]:
+    """Frames at each finished episode of ``curve`` and the mean return of the last ``window``
+    episodes there (of all of them before the ``window``-th)."""
+    frames = np.array([f for f, _ in curve], dtype=float)
+    returns = np.array([r for _, r in curve], dtype=float)
+    cumsum = np.concatenate([[0.0], np.cumsum(returns)])
+    idx = np.arange(1, len(returns) + 1)
+    lo = np.maximum(idx - window, 0)
+    return frames, (cumsum[idx] - cumsum[lo]) / (idx - lo)
+
+
+def frames_to_return(curve: list[tuple[int, float]], target: float, window: int) -> float | None:
+    """Frames at the first episode where the mean return of the last ``window`` episodes
+    reaches ``target`` (``None``: not yet), the benchmark's "frames to target"."""
+    frames, mean = rolling_returns(curve, window)
+    hit = np.nonzero((mean >= target) & (np.arange(len(mean)) + 1 >= window))[0]
+    return float(frames[hit[0]]) if len(hit) else None
+
+
 def reached_return(curve: list[tuple[int, float]], stop_return: float | None, window: int) -> bool:
-    """Whether the mean return of the last ``window`` episodes is at least ``stop_return``."""
-    recent = [r for _, r in curve[-window:]]
-    return stop_return is not None and len(recent) == window and sum(recent) / window >= stop_return
+    """Whether the mean return of ``window`` consecutive episodes has reached ``stop_return``
+    at some episode so far. Checked after each batch, this stops a run after the batch in which
+    its rolling mean first reaches the target, as :func:`frames_to_return` counts it; the last
+    ``window`` episodes at the batch's end may have fallen below it again (on Pendulum, with
+    20 of them, they often have: such runs went on for up to 30k frames)."""
+    return stop_return is not None and frames_to_return(curve, stop_return, window) is not None
 
 
 def greedy_returns(

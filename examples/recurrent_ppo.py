@@ -419,7 +419,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--stop_return",
         type=float,
         default=None,
-        help="stop once the mean return of the last --stop_window episodes reaches this",
+        help="stop after the batch in which the mean return of --stop_window consecutive "
+        "episodes first reaches this",
     )
     parser.add_argument("--stop_window", type=int, default=100)
     parser.add_argument("--out", help="write the learning curve and routing here (JSON)")

@@ -115,6 +115,22 @@ def test_ppo_recipe_is_reproducible_given_its_seed():
         assert first[key] == second[key], key
 
 
+def test_runs_stop_where_the_rolling_mean_first_reaches_the_target():
+    """``--stop_return``: a run stops after the batch in which the mean of ``--stop_window``
+    consecutive episodes first reaches the target (the benchmark's frames to target), even if
+    the last ones have fallen below it by the batch's end; a shorter partial mean never counts."""
+    masked_control = load_example("masked_control")
+    curve = [(100 * (i + 1), r) for i, r in enumerate([0.0, 0.0, 10.0, 10.0, 10.0, 0.0, 4.0])]
+    assert masked_control.frames_to_return(curve, 10.0, 3) == 500.0
+    assert masked_control.reached_return(curve, 10.0, 3)  # the last 3 average 4.7
+    assert masked_control.reached_return(curve[:5], 10.0, 3)
+    assert not masked_control.reached_return(curve[:4], 10.0, 3)
+    assert not masked_control.reached_return(curve, 10.5, 3)
+    assert not masked_control.reached_return(curve, None, 3)
+    assert not masked_control.reached_return([(100, 50.0)], 10.0, 3)  # 1 episode of 3
+    assert masked_control.frames_to_return([(100, 50.0)], 10.0, 3) is None
+
+
 def test_mop_layers_flag_sets_every_recipe_core():
     """``--mop_layers`` reaches each MoP core of both recipes (the actor's and the critic's in
     PPO); without it the cores keep their recipe's default, the paper preset's three blocks
