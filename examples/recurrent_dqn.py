@@ -42,6 +42,7 @@ from torch import nn
 from torchrl.collectors import Collector
 from torchrl.data import LazyTensorStorage, TensorDictReplayBuffer
 from torchrl.modules import EGreedyModule, QValueModule, set_recurrent_mode
+from torchrl.modules.utils import get_primers_from_module
 
 from mop_torchrl import routing_cost_loss
 from mop_torchrl.core.config import DEFAULT_RL_ALPHA
@@ -162,7 +163,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         args.mop_layers,
     )
     core = qnet[0]
-    env.append_transform(core.make_tensordict_primer())
+    env.append_transform(get_primers_from_module(core))
     target_qnet = copy.deepcopy(qnet).requires_grad_(False)
     explore = EGreedyModule(
         env.action_spec, eps_init=1.0, eps_end=args.eps_end, annealing_num_steps=args.eps_frames

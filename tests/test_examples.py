@@ -131,6 +131,42 @@ def test_runs_stop_where_the_rolling_mean_first_reaches_the_target():
     assert masked_control.frames_to_return([(100, 50.0)], 10.0, 3) is None
 
 
+@pytest.mark.parametrize("kind", ["gru", "lstm"])
+def test_baseline_cores_run_on_their_own_entries(kind):
+    """A GRU/LSTM core (``OwnEntries`` around TorchRL's module) given a TensorDict with other
+    entries (another core's nested states, an action) writes what the bare module writes, in
+    step and in recurrent mode, leaves the other entries alone, and has one primer."""
+    from tensordict import TensorDict
+    from torchrl.modules.utils import get_primers_from_module
+
+    torch.manual_seed(0)
+    core = load_example("masked_control").make_core(kind, 2, 8, "critic")
+    bare = core.module
+    primer = get_primers_from_module(core)
+    assert set(primer.primers.keys()) == {k for k in bare.in_keys if k.startswith("critic_state")}
+    td = TensorDict(
+        {
+            "observation": torch.randn(3, 5, 2),
+            "is_init": torch.rand(3, 5, 1) < 0.3,
+            "action": torch.randn(3, 5, 1),
+            ("actor_state", "block0", "router"): torch.randn(3, 5, 1, 4),
+        },
+        [3, 5],
+    )
+    for key, spec in primer.primers.items(True, True):
+        td.set(key, torch.randn(3, 5, *spec.shape))
+    with torch.no_grad():
+        for recurrent, data in ((True, td), (False, td[:, 0])):
+            with set_recurrent_mode(recurrent):
+                wrapped, expected = core(data.clone()), bare(data.clone())
+            for key in core.out_keys:
+                assert torch.equal(wrapped[key], expected[key]), key
+            assert torch.equal(wrapped["action"], data["action"])
+            assert torch.equal(
+                wrapped["actor_state", "block0", "router"], data["actor_state", "block0", "router"]
+            )
+
+
 def test_mop_layers_flag_sets_every_recipe_core():
     """``--mop_layers`` reaches each MoP core of both recipes (the actor's and the critic's in
     PPO); without it the cores keep their recipe's default, the paper preset's three blocks
