@@ -11,15 +11,15 @@ recipe, small) on masked CartPole (``cartpole_dqn``), for every core (``--cores`
 the PPO recipes' ``--critic_core``) and seed, each with the example's own defaults unless
 ``--{task}_frames`` is given. ``--jobs`` processes run at a time, one torch thread each (with
 one job seed by seed, so a cut-short benchmark still has every core on the finished seeds; with
-more, the longest runs first: Pendulum, the DQN, then CartPole, MoP first in each). A run
-whose JSON exists is skipped; each run's output goes to ``{task}_{core}_s{seed}.log``.
+more, the longest runs first: Pendulum, the DQN, then CartPole, MoP first in each). A run whose
+JSON exists is skipped; each run's output goes to ``{task}_{core}_s{seed}.log``.
 ``--max_wall_s`` makes every run stop early (and save its curve) after that many seconds,
 ``--budget_s`` bounds the whole benchmark, ``--stop_at_target`` stops a run once its rolling
-mean reaches the task's target (all the table needs), ``--mop_layers`` gives the MoP cores
-other expert sizes (write those runs to their own ``--out``). Each run's wall time and CPU time are recorded (on a shared machine the CPU time is
-the comparable one). ``--collect`` writes ``summary.json``, prints a markdown table (final
-return, frames to reach the target, frames/s, MoP routing per block) and plots return vs frames
-(mean and range over seeds) to ``--figure``.
+mean reaches the task's target (all the table needs), ``--mop_layers`` gives the MoP cores other
+expert sizes (write those runs to their own ``--out``). Each run's wall time and CPU time are
+recorded (on a shared machine the CPU time is the comparable one). ``--collect`` writes
+``summary.json``, prints a markdown table (final return, frames to reach the target, frames/s,
+MoP routing per block) and plots return vs frames (mean and range over seeds) to ``--figure``.
 """
 
 from __future__ import annotations
