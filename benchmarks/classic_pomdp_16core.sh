@@ -70,6 +70,8 @@ source "$ROOT/benchmarks/device_deps.sh" || exit 3
 "$PY" -c "import platform, os, torch, torchrl; print('python', platform.python_version(),
 'torch', torch.__version__, 'torchrl', torchrl.__version__, 'cores', os.cpu_count())" 2>&1 | tee -a "$LOG"
 grep -m1 "model name" /proc/cpuinfo | tee -a "$LOG"
+# Whether the 16 "cores" are 8 with two hardware threads each bears on the CPU per frame there.
+(lscpu 2>/dev/null | grep -E "^(CPU\(s\)|Thread|Core|Socket)" || nproc) | tee -a "$LOG"
 
 RUNS="$OUT/runs"
 FRAMES_ARGS=()
