@@ -67,6 +67,9 @@ BUDGET_S=${BUDGET_S:-540}
 log() { echo "[$(date +%T) +${SECONDS}s] $*" | tee -a "$LOG"; }
 
 source "$ROOT/benchmarks/device_deps.sh" || exit 3
+# A CPU table: the GPU hidden, so that TorchRL's device-aware paths (its sync functions ask
+# torch.cuda.is_available()) run as on a machine without one, as they did on the 2-core EPYC.
+export CUDA_VISIBLE_DEVICES=""
 "$PY" -c "import platform, os, torch, torchrl; print('python', platform.python_version(),
 'torch', torch.__version__, 'torchrl', torchrl.__version__, 'cores', os.cpu_count())" 2>&1 | tee -a "$LOG"
 grep -m1 "model name" /proc/cpuinfo | tee -a "$LOG"
